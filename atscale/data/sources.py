@@ -1,0 +1,124 @@
+"""Raw image sources that become FFCV datasets: an ImageFolder tree, scikit-learn's bundled digits, CIFAR-10."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing or malformed; the message says where it was looked for and how to make it."""
+
+
+@dataclass
+class ArraySplit:
+    """An in-memory split: uint8 HWC RGB images and integer labels, indexable as (image, label) for FFCV's writer."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+@dataclass
+class FileSplit:
+    """Image files with labels, decoded to RGB on access (files were checked to decode before writing)."""
+
+    files: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        with Image.open(self.files[i]) as im:
+            return im.convert("RGB"), self.labels[i]
+
+
+def digits_splits(size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    """scikit-learn's 1,797 8x8 handwritten digits, upsampled (bicubic) to size x size RGB, with a seeded stratified split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    gray = np.clip(d.images / 16.0 * 255.0, 0, 255).astype(np.uint8)
+    up = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in gray])
+    rgb = np.repeat(up[..., None], 3, axis=-1)
+    labels = d.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        val_idx.extend(idx[: int(round(len(idx) * val_fraction))])
+    val_mask = np.zeros(len(labels), bool)
+    val_mask[val_idx] = True
+    classes = [str(c) for c in range(10)]
+    return ArraySplit(rgb[~val_mask], labels[~val_mask]), ArraySplit(rgb[val_mask], labels[val_mask]), classes
+
+
+def cifar10_splits(root: str | Path) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    """CIFAR-10 in torchvision's on-disk format (``<root>/cifar-10-batches-py``); never downloads."""
+    from torchvision.datasets import CIFAR10
+
+    root = Path(root)
+    if not (root / "cifar-10-batches-py").is_dir():
+        raise DatasetError(
+            f"CIFAR-10 not found: expected '{root / 'cifar-10-batches-py'}' (torchvision's format). Download it once "
+            f"with torchvision.datasets.CIFAR10('{root}', download=True) on a machine with internet, then copy it here")
+    tr, va = CIFAR10(str(root), train=True, download=False), CIFAR10(str(root), train=False, download=False)
+    return (ArraySplit(tr.data, np.asarray(tr.targets)), ArraySplit(va.data, np.asarray(va.targets)), list(tr.classes))
+
+
+def _check_image(path: str) -> str | None:
+    """Fully decode one file; return an error string if it cannot be read as an RGB image."""
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB").load()
+        return None
+    except Exception as e:  # noqa: BLE001 - every decode failure means "skip this file"
+        return f"{type(e).__name__}: {e}"
+
+
+def scan_image_files(files: Sequence[str], workers: int = 2, desc: str = "checking images") -> list[str | None]:
+    """Decode every file in parallel (progress bar); one error string or None per file, in order."""
+    if workers <= 1 or len(files) < 64:
+        return [_check_image(f) for f in tqdm(files, desc=desc, unit="img", mininterval=2)]
+    with get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_check_image, files, chunksize=64), total=len(files), desc=desc, unit="img",
+                         mininterval=2))
+
+
+def imagefolder_split(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Files and labels of ``<split_dir>/<class>/*``; classes are sorted folder names (taken from train for val)."""
+    if not split_dir.is_dir():
+        raise DatasetError(f"ImageFolder split '{split_dir}' does not exist; expected <src>/train/<class>/*.JPEG and "
+                           f"<src>/val/<class>/*.JPEG (ImageNet layout)")
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not found:
+        raise DatasetError(f"ImageFolder split '{split_dir}' has no class folders; expected {split_dir}/<class>/*.JPEG")
+    if classes is None:
+        classes = found
+    elif set(found) - set(classes):
+        extra = sorted(set(found) - set(classes))[:5]
+        raise DatasetError(f"'{split_dir}' has classes that train/ lacks ({extra}...); both splits need the same classes")
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for c in found:
+        for p in sorted((split_dir / c).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
+                files.append(str(p))
+                labels.append(index[c])
+    if not files:
+        raise DatasetError(f"ImageFolder split '{split_dir}' has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+    return files, labels, classes

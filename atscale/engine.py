@@ -1,0 +1,140 @@
+"""Loops only: one training epoch with the attack inside the step, and evaluation under a set of attacks.
+
+Both return plain dicts of averages over the images they saw. Wiring (data, model, logging, checkpoints) is train.py's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from atscale.attacks.pgd import PGD
+
+
+@dataclass
+class Meter:
+    sums: dict[str, float] = field(default_factory=dict)
+    n: int = 0
+
+    def add(self, n: int, **values: float) -> None:
+        self.n += n
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+
+    def averages(self) -> dict[str, float]:
+        return {k: v / max(1, self.n) for k, v in self.sums.items()}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _bar(iterable: Iterable, total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit="batch", dynamic_ncols=True,
+                initial=initial, mininterval=1.0, leave=False)
+
+
+def train_one_epoch(model: nn.Module, loader, attack, objective, optimizer: torch.optim.Optimizer, *,
+                    lr_at: Callable[[int], float], first_step: int, skip_batches: int = 0,
+                    amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+                    after_step: Callable[[int, dict], bool] | None = None, progress: bool = True,
+                    desc: str = "train") -> dict:
+    """Run the rest of one epoch from batch ``skip_batches``; ``after_step(step, metrics)`` returning True stops early.
+
+    Per step: x_adv = attack(model, x, y) (eval-mode BN, no parameter grads), then objective, backward, SGD step.
+    """
+    model.train()
+    meter = Meter()
+    step = first_step
+    t0, seen = time.perf_counter(), 0
+    bar = _bar(loader, len(loader), desc, progress, initial=skip_batches)
+    stopped = False
+    device = next(model.parameters()).device
+    for i, (x, y) in enumerate(bar):
+        if i < skip_batches:
+            continue
+        lr = lr_at(step)
+        x_adv = attack(model, x, y) if objective.needs_attack else x
+        with autocast(device, amp_dtype):
+            out = objective(model, x, x_adv, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out.loss.backward()
+            optimizer.step()
+        step += 1
+        n = y.shape[0]
+        seen += n
+        m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
+        if out.clean_logits is not None:
+            m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
+        meter.add(n, **m)
+        ips = seen / max(1e-9, time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.3g}")
+        if after_step is not None and after_step(step, {**m, "lr": lr, "img_per_s": ips, "batch": i + 1}):
+            stopped = True
+            break
+    bar.close()
+    avg = meter.averages()
+    avg.update(img_per_s=seen / max(1e-9, time.perf_counter() - t0), steps=step - first_step, stopped=stopped)
+    return avg
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None = None, *, amp_dtype: torch.dtype | None = None,
+             max_images: int = 0, progress: bool = True, desc: str = "eval") -> dict[str, dict]:
+    """Clean accuracy and, per attack, accuracy and attack success rate over the loader (each image once).
+
+    Success rate: targeted = fraction of images classified as their target; untargeted = fraction of the images that
+    were classified correctly when clean and are misclassified after the attack.
+    """
+    attacks = attacks or {}
+    for a in attacks.values():
+        a.reseed(a.seed)  # same starts and targets for every attack: PGD-j's iterates are a prefix of PGD-k's
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = 0
+    clean_correct = 0
+    stats = {k: {"correct": 0, "success": 0, "clean_correct_fooled": 0} for k in attacks}
+    t0 = time.perf_counter()
+    total = len(loader)
+    bar = _bar(loader, total, desc, progress)
+    for x, y in bar:
+        if max_images and n >= max_images:
+            break
+        if max_images:
+            x, y = x[: max_images - n], y[: max_images - n]
+        with autocast(device, amp_dtype):
+            clean_ok = model(x).argmax(1) == y
+        clean_correct += int(clean_ok.sum())
+        for name, atk in attacks.items():
+            with torch.enable_grad():
+                res = atk.perturb(model, x, y)
+            with autocast(device, amp_dtype):
+                pred = model(res.x_adv).argmax(1)
+            ok = pred == y
+            s = stats[name]
+            s["correct"] += int(ok.sum())
+            s["clean_correct_fooled"] += int((clean_ok & ~ok).sum())
+            if res.target is not None:
+                s["success"] += int((pred == res.target).sum())
+        n += y.shape[0]
+        bar.set_postfix(clean=f"{clean_correct / n:.3f}", img_s=f"{n / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    model.train(was_training)
+    out = {"clean": {"acc": clean_correct / max(1, n), "n": n}}
+    for name, atk in attacks.items():
+        s = stats[name]
+        rate = s["success"] / max(1, n) if atk.targeted else s["clean_correct_fooled"] / max(1, clean_correct)
+        out[name] = {"acc": s["correct"] / max(1, n), "success_rate": rate, "n": n, "steps": atk.iters,
+                     "eps": atk.eps * 255.0, "step": atk.step * 255.0, "targeted": atk.targeted}
+    out["clean"]["seconds"] = time.perf_counter() - t0
+    return out

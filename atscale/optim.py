@@ -1,0 +1,48 @@
+"""SGD with Nesterov momentum, weight decay on weights only, and a per-iteration learning-rate schedule.
+
+Feature Denoising (Xie thesis Sec 4.5) recipe: lr 0.1 x B/256 (linear scaling, Goyal et al. 2017) with 5 warmup
+epochs, /10 at epochs 35, 70, 95; weight decay 1e-4 not applied to BN parameters and biases.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if (p.ndim > 1 or decay_norm_and_bias) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.Optimizer:
+    lr = optim_cfg.lr * global_batch / optim_cfg.ref_batch
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_norm_and_bias)
+    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
+
+
+def lr_factor(step: int, steps_per_epoch: int, sched_cfg) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then step / cosine / constant."""
+    epoch = step / steps_per_epoch
+    warm = sched_cfg.warmup_epochs
+    if warm > 0 and epoch < warm:
+        return (step + 1) / (warm * steps_per_epoch)
+    if sched_cfg.name == "step":
+        return sched_cfg.gamma ** sum(epoch >= m for m in sched_cfg.milestones)
+    if sched_cfg.name == "cosine":
+        t = (epoch - warm) / max(1e-8, sched_cfg.epochs - warm)
+        lo = sched_cfg.min_lr_ratio
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: float) -> float:
+    lr = peak_lr * factor
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr

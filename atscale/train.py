@@ -1,0 +1,212 @@
+"""``main(cfg)``: wires config -> data, model, attack, objective, optimizer -> engine loops; resume, eval, export.
+
+Entry point for ``atscale train`` and ``python -m atscale.train --config ... [key.sub=value ...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atscale.attacks import PGD, build_attack
+from atscale.checkpoint import CheckpointDir, CheckpointError, load_checkpoint
+from atscale.config import Config, load_config, save_config
+from atscale.data import ensure_dataset, make_loader
+from atscale.engine import evaluate, train_one_epoch
+from atscale.export import export_timm
+from atscale.models import build_from_config
+from atscale.objectives import build_objective
+from atscale.optim import build_optimizer, lr_factor, set_lr
+from atscale.report import plot_accuracy_vs_steps, plot_training, results_table, write_report
+from atscale.runlog import RunLog
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def eval_attacks(eval_cfg, amp_dtype: torch.dtype | None, seed: int, steps: list[int] | None = None) -> dict[str, PGD]:
+    """PGD-k for each k (budgets in 0..255 units converted here); step 0 means eps / k."""
+    eps = eval_cfg.eps / 255.0
+    out = {}
+    for k in steps or eval_cfg.steps:
+        step = eval_cfg.step / 255.0 if eval_cfg.step > 0 else eps / k
+        out[f"pgd{k}"] = PGD(eps, step, k, targeted=eval_cfg.targeted,
+                             clean_start_prob=0.0 if eval_cfg.random_start else 1.0, amp_dtype=amp_dtype,
+                             keep_best=True, seed=seed + 1)
+    return out
+
+
+def _load_model_state(model: torch.nn.Module, state: dict, where: str, cfg: Config) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"checkpoint '{where}' does not fit model '{cfg.model.arch}' {cfg.model.kwargs}: "
+                              f"{' '.join(first)}. Use the same model.* settings as the run that wrote it") from e
+
+
+def write_eval(run_dir: Path, results: dict, title: str) -> tuple[Path, Path]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "eval.json"
+    path.write_text(json.dumps(results, indent=2))
+    plot = plot_accuracy_vs_steps(results, run_dir / "accuracy_vs_steps.png", title)
+    return path, plot
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    amp_dtype = resolve_amp(cfg.run.amp, device)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    meta = ensure_dataset(cfg.data, seed=cfg.run.seed)
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_from_config(cfg.model, meta["num_classes"]).to(device)
+    train_loader = make_loader(cfg.data.root, "train", cfg.data, device, cfg.run.seed, train=True,
+                               channels_last=cfg.model.channels_last)
+    val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False,
+                             channels_last=cfg.model.channels_last)
+    spe = len(train_loader)
+    if spe == 0:
+        raise ValueError(f"data.batch_size = {cfg.data.batch_size} exceeds the {train_loader.num_samples} training "
+                         "images; lower data.batch_size")
+    global_batch = cfg.data.batch_size
+    optimizer = build_optimizer(model, cfg.optim, global_batch)
+    peak_lr = optimizer.param_groups[0]["lr"]
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed)
+    objective = build_objective(cfg.objective)
+    ckpts = CheckpointDir(run_dir / "checkpoints", cfg.run.keep_last)
+
+    epoch, batch, step = 0, 0, 0
+    resume_from = ckpts.resolve(cfg.run.resume)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        _load_model_state(model, state["model"], str(resume_from), cfg)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        attack.load_state_dict(state.get("attack", {}))
+        torch.set_rng_state(state["torch_rng"])
+        epoch, batch, step = state["epoch"], state["batch"], state["step"]
+        print(f"resumed from {resume_from}: epoch {epoch}, batch {batch}, step {step}", file=sys.stderr)
+
+    log = RunLog(run_dir, cfg.log.tensorboard)
+    log.write("start", step, device=str(device), amp=str(amp_dtype), steps_per_epoch=spe, peak_lr=peak_lr,
+              resumed_from=str(resume_from) if resume_from else None, threads=torch.get_num_threads())
+    quick = eval_attacks(cfg.eval, amp_dtype, cfg.run.seed, [cfg.eval.quick_steps]) if cfg.eval.every_epochs else {}
+
+    def checkpoint(at_epoch: int, at_batch: int, at_step: int) -> None:
+        if at_batch >= spe:
+            at_epoch, at_batch = at_epoch + 1, 0
+        ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "attack": attack.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "epoch": at_epoch, "batch": at_batch, "step": at_step,
+                    "config": cfg.to_yaml(), "meta": json.dumps(meta)}, at_step)
+
+    summary: dict[str, Any] = {}
+    stopped = False
+    t_train = time.perf_counter()
+    while epoch < cfg.schedule.epochs and not stopped:
+        train_loader.set_epoch(epoch)
+        cur_epoch = epoch
+
+        def after_step(s: int, m: dict) -> bool:
+            if s % cfg.log.every_steps == 0 or m["batch"] == spe:
+                log.write("train", s, epoch=cur_epoch + m["batch"] / spe, **m)
+            stop = cfg.run.max_steps > 0 and s >= cfg.run.max_steps
+            if stop or (cfg.run.ckpt_every_steps and s % cfg.run.ckpt_every_steps == 0 and m["batch"] < spe):
+                checkpoint(cur_epoch, m["batch"], s)
+            return stop
+
+        res = train_one_epoch(model, train_loader, attack, objective, optimizer,
+                              lr_at=lambda s: set_lr(optimizer, peak_lr, lr_factor(s, spe, cfg.schedule)),
+                              first_step=step, skip_batches=batch, amp_dtype=amp_dtype, scaler=scaler,
+                              after_step=after_step, progress=cfg.log.progress,
+                              desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
+        step += res.pop("steps")
+        stopped = res.pop("stopped")
+        summary = res
+        if stopped:
+            break
+        epoch, batch = epoch + 1, 0
+        checkpoint(epoch, 0, step)
+        line = f"epoch {epoch}/{cfg.schedule.epochs}: loss {res.get('loss', float('nan')):.4f} " \
+               f"train acc {100 * res.get('acc', 0):.1f}% ({res['img_per_s']:.1f} img/s)"
+        if quick and epoch % cfg.eval.every_epochs == 0:
+            q = evaluate(model, val_loader, quick, amp_dtype=amp_dtype, max_images=cfg.eval.quick_images,
+                         progress=cfg.log.progress, desc="val")
+            qk = next(iter(quick))
+            log.write("val", step, epoch=epoch, clean_acc=q["clean"]["acc"], pgd_acc=q[qk]["acc"], attack=qk)
+            line += f" | val clean {100 * q['clean']['acc']:.1f}% {qk} {100 * q[qk]['acc']:.1f}%"
+        log.write("epoch", step, epoch=epoch, **res)
+        print(line, file=sys.stderr)
+    summary.update(steps=step, seconds=time.perf_counter() - t_train, epoch=epoch, stopped=stopped)
+    if stopped:
+        log.write("stopped", step, epoch=epoch, reason="run.max_steps")
+        log.close()
+        return {"stopped": True, "step": step, "run_dir": str(run_dir)}
+
+    results = evaluate(model, val_loader, eval_attacks(cfg.eval, amp_dtype, cfg.run.seed), amp_dtype=amp_dtype,
+                       max_images=cfg.eval.max_images, progress=cfg.log.progress, desc="final eval")
+    _, plot = write_eval(run_dir, results, f"{cfg.model.arch}, eps {cfg.eval.eps:g}/255, "
+                                           f"{'targeted' if cfg.eval.targeted else 'untargeted'}")
+    log.write("eval", step, **{f"{k}_acc": v["acc"] for k, v in results.items()})
+    print(results_table(results), file=sys.stderr)
+    export_dir = None
+    if cfg.run.export:
+        export_dir = export_timm(model, run_dir / "export", mean=cfg.model.mean, std=cfg.model.std,
+                                 input_size=cfg.data.val_size, crop_pct=cfg.data.val_crop_ratio,
+                                 label_names=meta.get("classes"), extra={"eval": results, "config": cfg.to_dict()})
+    log.close()
+    plots = [plot] + [p for p in [plot_training(run_dir / "log.jsonl", run_dir / "training.png")] if p]
+    report = write_report(run_dir, cfg, results, meta, summary, plots, export_dir)
+    print(f"done in {time.perf_counter() - t_start:.0f} s: report {report}", file=sys.stderr)
+    return {"stopped": False, "step": step, "eval": results, "run_dir": str(run_dir), "report": str(report),
+            "train": summary}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="atscale train", description="Adversarial training with PGD in the loop.")
+    p.add_argument("--config", help="YAML config (e.g. configs/demo.yaml)")
+    p.add_argument("--resume", help="'auto' (last checkpoint of this run, if any) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. attack.eps=8 optim.lr=0.2")
+    return p.parse_known_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    bad = [a for a in extra if a.startswith("-")]
+    if bad:
+        raise SystemExit(f"atscale train: unknown option(s) {bad}; use --config, --resume and section.key=value")
+    overrides = list(args.overrides) + extra
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    main(load_config(args.config, overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    from atscale.cli import main as _cli_main
+
+    sys.exit(_cli_main(["train", *sys.argv[1:]]))

@@ -1,0 +1,1 @@
+"""Launchers (SLURM via submitit, torchrun); model code never imports this package."""

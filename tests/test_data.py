@@ -1,0 +1,129 @@
+"""FFCV datasets: ImageFolder round trip (labels exact, pixels within JPEG tolerance), corrupt files skipped and
+counted, digits split, seeded order, loader output format, and clear errors for missing data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atscale.config import DataCfg
+from atscale.data import DatasetError, build_digits, build_imagefolder, make_loader, read_meta
+from atscale.data.write import ensure_dataset
+
+
+def _smooth_image(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A smooth colour pattern (JPEG-friendly, unlike white noise)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a, b, c = rng.uniform(0.5, 3, 3)
+    img = np.stack([np.sin(a * np.pi * xx + c), np.cos(b * np.pi * yy), np.sin(np.pi * (xx + yy) * a / 2)], -1)
+    return ((img * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def _make_imagefolder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 4, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    truth: dict = {"train": [], "val": []}
+    for split in ("train", "val"):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = _smooth_image(rng)
+                Image.fromarray(img).save(d / f"{c}_{i}.JPEG", quality=95)
+                truth[split].append((img, ci))
+    return truth
+
+
+def _read_all(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = DataCfg(root=str(root), eval_batch_size=7, val_size=size, val_crop_ratio=1.0)
+    xs, ys = zip(*make_loader(root, split, cfg, torch.device("cpu"), 0, train=False))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_imagefolder_round_trip_keeps_labels_and_images(tmp_path: Path) -> None:
+    truth = _make_imagefolder(tmp_path / "src")
+    meta = build_imagefolder(tmp_path / "src", tmp_path / "ffcv", jpeg_quality=95)
+    assert meta["classes"] == ["cat", "dog", "eel"] and meta["n_train"] == 12 and meta["n_val"] == 12
+    assert meta["skipped"]["count"] == 0
+    for split in ("train", "val"):
+        x, y = _read_all(tmp_path / "ffcv", split, 48)
+        assert y.tolist() == [label for _, label in truth[split]]
+        ref = torch.from_numpy(np.stack([img for img, _ in truth[split]])).permute(0, 3, 1, 2).float() / 255
+        err = (x - ref).abs()
+        assert err.mean().item() < 0.02 and err.max().item() < 0.25  # two JPEG encodes at quality 95
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+
+
+def test_corrupt_and_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    _make_imagefolder(tmp_path / "src", per_class=3)
+    good = (tmp_path / "src" / "train" / "cat" / "cat_0.JPEG").read_bytes()
+    (tmp_path / "src" / "train" / "dog" / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (tmp_path / "src" / "train" / "eel" / "notes.JPEG").write_text("this is not an image")
+    (tmp_path / "src" / "val" / "cat" / "empty.jpg").write_bytes(b"")
+    meta = build_imagefolder(tmp_path / "src", tmp_path / "ffcv")
+    assert meta["skipped"]["count"] == 3
+    names = sorted(Path(s["file"]).name for s in meta["skipped"]["files"])
+    assert names == ["empty.jpg", "notes.JPEG", "truncated.JPEG"]
+    assert all(s["error"] for s in meta["skipped"]["files"])
+    assert meta["n_train"] == 9 and meta["n_val"] == 9
+    assert read_meta(tmp_path / "ffcv")["skipped"]["count"] == 3
+    x, y = _read_all(tmp_path / "ffcv", "train", 48)
+    assert len(y) == 9
+
+
+def test_digits_dataset_split_is_seeded_stratified_and_complete(tmp_path: Path, digits_root: Path) -> None:
+    meta = read_meta(digits_root)
+    assert meta["num_classes"] == 10 and meta["n_train"] + meta["n_val"] == 1797
+    assert 0.18 < meta["n_val"] / 1797 < 0.22
+    again = build_digits(tmp_path / "d2", size=32, val_fraction=0.2, seed=0)
+    assert (tmp_path / "d2" / "train.beton").read_bytes() == (digits_root / "train.beton").read_bytes()
+    assert again["n_val"] == meta["n_val"]
+    _, y = _read_all(digits_root, "val", 32)
+    counts = torch.bincount(y, minlength=10)
+    assert counts.min() >= 30 and counts.max() <= 40
+
+
+def test_train_loader_order_is_seeded_per_epoch_and_decodes_uint8_to_unit_range(digits_root: Path) -> None:
+    cfg = DataCfg(root=str(digits_root), batch_size=100, image_size=32, train_crop="center", val_crop_ratio=1.0,
+                  flip=True)
+
+    def labels(seed: int, epoch: int) -> list[int]:
+        loader = make_loader(digits_root, "train", cfg, torch.device("cpu"), seed, train=True)
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    assert labels(0, 0) == labels(0, 0)
+    assert labels(0, 0) != labels(0, 1)
+    assert labels(0, 0) != labels(1, 0)
+    loader = make_loader(digits_root, "train", cfg, torch.device("cpu"), 0, train=True)
+    x, _ = next(iter(loader))
+    assert x.shape == (100, 3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
+    assert torch.allclose(x * 255, (x * 255).round(), atol=1e-3)  # exactly uint8 levels / 255
+    x2, _ = next(iter(loader))
+    assert torch.equal(x, x2)  # flips come from a seeded generator
+
+
+def test_missing_dataset_error_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="atscale data digits"):
+        read_meta(tmp_path / "nothing")
+    cfg = DataCfg(source="imagefolder", root=str(tmp_path / "x"), src="")
+    with pytest.raises(DatasetError, match="data.src"):
+        ensure_dataset(cfg)
+    with pytest.raises(DatasetError, match="ImageNet layout"):
+        build_imagefolder(tmp_path / "missing", tmp_path / "out")
+    from atscale.data import build_cifar10
+
+    with pytest.raises(DatasetError, match="cifar-10-batches-py"):
+        build_cifar10(tmp_path, tmp_path / "out")
+
+
+def test_cli_data_digits_prints_summary(tmp_path: Path, capfd) -> None:
+    from atscale.cli import main
+
+    assert main(["data", "digits", "--out", str(tmp_path / "d"), "--size", "16"]) == 0
+    summary = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"source": "digits", "num_classes": 10, "n_train": 1438, "n_val": 359, "skipped": 0}
+    assert read_meta(tmp_path / "d")["image_size"] == 16
