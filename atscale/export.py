@@ -25,7 +25,11 @@ def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input
     net = copy.deepcopy(model.net).to("cpu", memory_format=torch.contiguous_format).eval()
     data_config = {"input_size": (3, input_size, input_size), "mean": tuple(mean), "std": tuple(std),
                    "crop_pct": crop_pct, "interpolation": interpolation}
-    model_config = {"label_names": list(label_names)} if label_names else None
+    # the architecture's default pretrained_cfg describes timm's ImageNet weights, not these: replace its provenance
+    model_config: dict = {"pretrained_cfg": {"tag": "atscale", "origin_url": None, "paper_ids": None,
+                                             "license": None}}
+    if label_names:
+        model_config["label_names"] = list(label_names)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "benchmark": "train_step", "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "args": vars(args), "data": "synthetic", "device": device_info(device),
+        "args": vars(args), "data": "synthetic", "device": device_info(device), "loadavg_start": os.getloadavg(),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "setup": {"eps": EPS * 255, "step": STEP * 255, "attack_steps": args.attack_steps,
                   "ours": {"amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["ours"] = measure("ours", lambda: build_ours(args, device, amp_dtype, x, y), args, device)
     if args.which in ("both", "plain"):
         out["plain"] = measure("plain", lambda: build_plain(args, device, x, y), args, device)
+    out["loadavg_end"] = os.getloadavg()
     if "ours" in out and "plain" in out:
         out["ratio"] = out["ours"]["img_per_s"] / out["plain"]["img_per_s"]
     text = json.dumps(out, indent=2)

@@ -12,4 +12,5 @@ fi
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi  # pyenv creates the `atscale` shim only on rehash
 "$PY" -c "import ffcv.loader, timm, torch; print('atscale install ok: torch', torch.__version__, 'timm', timm.__version__)"

@@ -39,6 +39,8 @@ def test_run_folder_resume_is_exact(digits_root: Path, tmp_path: Path) -> None:
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    for res in (resumed["eval"], full["eval"]):
+        res["clean"].pop("seconds")
     assert resumed["eval"] == full["eval"]
 
     run = tmp_path / "split"
@@ -124,7 +126,7 @@ def test_export_loads_in_plain_timm_with_identical_logits(trained_digits_model, 
 def test_adversarial_training_beats_standard_training_under_pgd(digits_root: Path, tmp_path: Path) -> None:
     """Same data, model, epochs and eval budget (PGD-10, eps 32/255): Madry training must be clearly more robust."""
     common = {"schedule.epochs": 5, "eval.steps": [10], "eval.step": 4, "eval.max_images": 359,
-              "attack.iters": 3, "attack.step": 12}
+              "attack.iters": 3, "attack.step": 12, "model.kwargs": {"channels": [16, 32, 64, 128]}}
     adv = main(load_config(None, tiny_overrides(digits_root, tmp_path, "adv", **common)))["eval"]
     std = main(load_config(None, tiny_overrides(digits_root, tmp_path, "std", **common, **{
         "objective.name": "clean", "attack.name": "none"})))["eval"]

@@ -46,7 +46,8 @@ class DeviceLoader:
             if self.flip:
                 m = self._flip_mask(x.shape[0], i).view(-1, 1, 1, 1)
                 x = torch.where(m, x.flip(3), x)
-            yield x, label.to(self.device, non_blocking=True).long().view(-1)
+            # FFCV reuses its batch buffers: copy the labels so a batch stays valid after the next one is read
+            yield x, label.to(self.device, torch.long, non_blocking=True, copy=True).view(-1)
 
 
 def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, seed: int, train: bool,
