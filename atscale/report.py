@@ -46,7 +46,8 @@ def plot_training(log_path: Path, path: Path) -> Path | None:
     a1.set_xlabel("step")
     a1.set_ylabel("train loss")
     a1.grid(alpha=0.3)
-    for key, label in (("clean_acc", "val clean"), ("pgd_acc", "val PGD")):
+    attack = str(val[0].get("attack", "pgd")).upper() if val else "PGD"
+    for key, label in (("clean_acc", "val clean"), ("pgd_acc", f"val {attack}")):
         pts = [(r["step"], 100 * r[key]) for r in val if key in r]
         if pts:
             a2.plot(*zip(*pts), "o-", label=label)
