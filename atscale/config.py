@@ -1,4 +1,4 @@
-"""Typed run configuration, declared once.
+"""Typed run configuration, declared once (sections: data, model, attack, objective, optim, schedule, eval, dist, log, run).
 
 Sections are dataclasses; a YAML file overrides the defaults and ``key.sub=value`` arguments override the YAML.
 Unknown keys and values of the wrong type fail before any work, with a message that names the key and what is allowed.
@@ -138,6 +138,17 @@ class RunCfg:
 
 
 @dataclass
+class DistCfg:
+    """Synchronized SGD (DDP, or DeepSpeed later): global batch = data.batch_size x world size x grad_accum."""
+
+    engine: Literal["ddp"] = "ddp"
+    grad_accum: int = 1
+    sync_bn: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_min: float = 30.0
+
+
+@dataclass
 class Config:
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -146,6 +157,7 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
     log: LogCfg = field(default_factory=LogCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
@@ -182,6 +194,8 @@ _CHECKS: dict[str, Any] = {
     "eval.eps": lambda v: 0 <= v <= 255,
     "eval.steps": lambda v: len(v) > 0 and all(k >= 1 for k in v),
     "eval.step": lambda v: v >= 0,
+    "dist.grad_accum": lambda v: v >= 1,
+    "dist.timeout_min": lambda v: v > 0,
 }
 _CHECK_TEXT = {
     "data.rrc_scale": "two numbers 0 < lo <= hi <= 1",

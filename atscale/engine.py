@@ -4,6 +4,7 @@ Both return plain dicts of averages over the images they saw. Wiring (data, mode
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from atscale import distributed as dist
 from atscale.attacks.pgd import PGD
 
 
@@ -42,36 +44,48 @@ def train_one_epoch(model: nn.Module, loader, attack, objective, optimizer: torc
                     lr_at: Callable[[int], float], first_step: int, skip_batches: int = 0,
                     amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     after_step: Callable[[int, dict], bool] | None = None, progress: bool = True,
-                    desc: str = "train") -> dict:
-    """Run the rest of one epoch from batch ``skip_batches``; ``after_step(step, metrics)`` returning True stops early.
+                    desc: str = "train", attack_model: nn.Module | None = None, accum: int = 1) -> dict:
+    """Run the rest of one epoch from (micro-)batch ``skip_batches``; ``after_step(step, metrics)`` returning True stops.
 
-    Per step: x_adv = attack(model, x, y) (eval-mode BN, no parameter grads), then objective, backward, SGD step.
+    Per micro-batch: x_adv = attack(attack_model, x, y) on the unwrapped module (eval-mode BN, no parameter grads, so
+    no DDP hooks fire), then the objective through ``model`` (DDP or plain) and backward, scaled by 1/accum. Every
+    ``accum`` micro-batches one optimizer step; gradients are all-reduced once per step (``no_sync`` before that).
     """
+    attack_model = attack_model if attack_model is not None else model
     model.train()
     meter = Meter()
     step = first_step
     t0, seen = time.perf_counter(), 0
-    bar = _bar(loader, len(loader), desc, progress, initial=skip_batches)
+    usable = len(loader) - len(loader) % accum
+    bar = _bar(loader, usable, desc, progress, initial=skip_batches)
     stopped = False
     device = next(model.parameters()).device
     for i, (x, y) in enumerate(bar):
         if i < skip_batches:
             continue
+        if i >= usable:
+            break
+        last_micro = (i + 1) % accum == 0
         lr = lr_at(step)
-        x_adv = attack(model, x, y) if objective.needs_attack else x
-        with autocast(device, amp_dtype):
-            out = objective(model, x, x_adv, y)
-        optimizer.zero_grad(set_to_none=True)
+        x_adv = attack(attack_model, x, y) if objective.needs_attack else x
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        if i % accum == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with sync:
+            with autocast(device, amp_dtype):
+                out = objective(model, x, x_adv, y)
+            loss = out.loss / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        n = y.shape[0]
+        seen += n
+        if not last_micro:
+            continue
         if scaler is not None:
-            scaler.scale(out.loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            out.loss.backward()
             optimizer.step()
         step += 1
-        n = y.shape[0]
-        seen += n
         m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
         if out.clean_logits is not None:
             m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
@@ -92,9 +106,12 @@ def evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None = None, *,
              max_images: int = 0, progress: bool = True, desc: str = "eval") -> dict[str, dict]:
     """Clean accuracy and, per attack, accuracy and attack success rate over the loader (each image once).
 
+    Distributed: each rank holds the strided shard ``rank::world`` of the val set and counts are summed over ranks, so
+    every image counts exactly once; ``max_images`` keeps the first max_images images of the whole set.
     Success rate: targeted = fraction of images classified as their target; untargeted = fraction of the images that
     were classified correctly when clean and are misclassified after the attack.
     """
+    limit = len(range(dist.rank(), max_images, dist.world_size())) if max_images else None  # rank's share of first N
     attacks = attacks or {}
     for a in attacks.values():
         a.reseed(a.seed)  # same starts and targets for every attack: PGD-j's iterates are a prefix of PGD-k's
@@ -108,10 +125,10 @@ def evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None = None, *,
     total = len(loader)
     bar = _bar(loader, total, desc, progress)
     for x, y in bar:
-        if max_images and n >= max_images:
-            break
-        if max_images:
-            x, y = x[: max_images - n], y[: max_images - n]
+        if limit is not None:
+            if n >= limit:
+                break
+            x, y = x[: limit - n], y[: limit - n]
         with autocast(device, amp_dtype):
             clean_ok = model(x).argmax(1) == y
         clean_correct += int(clean_ok.sum())
@@ -130,6 +147,11 @@ def evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None = None, *,
         bar.set_postfix(clean=f"{clean_correct / n:.3f}", img_s=f"{n / (time.perf_counter() - t0):.1f}")
     bar.close()
     model.train(was_training)
+    counts = [n, clean_correct] + [stats[k][f] for k in attacks for f in ("correct", "success", "clean_correct_fooled")]
+    totals = dist.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+    n, clean_correct = int(totals[0]), int(totals[1])
+    for j, k in enumerate(attacks):
+        stats[k] = dict(zip(("correct", "success", "clean_correct_fooled"), map(int, totals[2 + 3 * j: 5 + 3 * j])))
     out = {"clean": {"acc": clean_correct / max(1, n), "n": n}}
     for name, atk in attacks.items():
         s = stats[name]

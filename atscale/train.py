@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from atscale import distributed as dist
+from atscale import preempt
 from atscale.attacks import PGD, build_attack
 from atscale.checkpoint import CheckpointDir, CheckpointError, load_checkpoint
 from atscale.config import Config, load_config, save_config
@@ -70,31 +72,53 @@ def write_eval(run_dir: Path, results: dict, title: str) -> tuple[Path, Path]:
 
 
 def main(cfg: Config) -> dict[str, Any]:
+    """Train, evaluate, export and report one run; under torchrun / SLURM every rank calls this (rank 0 writes)."""
+    env = dist.DistEnv.from_env()
+    device = dist.init(env, cfg.run.device, cfg.dist.backend, cfg.dist.timeout_min)
+    try:
+        return _main(cfg, env, device)
+    finally:
+        dist.cleanup()
+
+
+def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
     amp_dtype = resolve_amp(cfg.run.amp, device)
+    rank, world = dist.rank(), dist.world_size()
+    main_rank = rank == 0
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    meta = ensure_dataset(cfg.data, seed=cfg.run.seed)
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        meta = ensure_dataset(cfg.data, seed=cfg.run.seed)
+    dist.barrier()  # rank 0 builds a missing dataset; the others read it afterwards
+    if not main_rank:
+        meta = ensure_dataset(cfg.data, seed=cfg.run.seed)
 
     torch.manual_seed(cfg.run.seed)
-    model = build_from_config(cfg.model, meta["num_classes"]).to(device)
-    train_loader = make_loader(cfg.data.root, "train", cfg.data, device, cfg.run.seed, train=True,
-                               channels_last=cfg.model.channels_last)
-    val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False,
-                             channels_last=cfg.model.channels_last)
-    spe = len(train_loader)
+    model = build_from_config(cfg.model, meta["num_classes"])
+    if cfg.dist.sync_bn and world > 1:
+        model = dist.convert_sync_bn(model, device)
+    model = model.to(device)
+    train_model: torch.nn.Module = model
+    if dist.is_dist():
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+    loader_args = dict(channels_last=cfg.model.channels_last, rank=rank, world_size=world)
+    train_loader = make_loader(cfg.data.root, "train", cfg.data, device, cfg.run.seed, train=True, **loader_args)
+    val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False, **loader_args)
+    accum = cfg.dist.grad_accum
+    spe = len(train_loader) // accum
     if spe == 0:
-        raise ValueError(f"data.batch_size = {cfg.data.batch_size} exceeds the {train_loader.num_samples} training "
-                         "images; lower data.batch_size")
-    global_batch = cfg.data.batch_size
+        raise ValueError(f"data.batch_size = {cfg.data.batch_size} x dist.grad_accum = {accum} exceeds the "
+                         f"{len(train_loader.loader.indices) // world} training images per rank; lower either")
+    global_batch = cfg.data.batch_size * world * accum
     optimizer = build_optimizer(model, cfg.optim, global_batch)
     peak_lr = optimizer.param_groups[0]["lr"]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed)
+    attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed + 1009 * rank)
     objective = build_objective(cfg.objective)
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.run.keep_last)
 
@@ -108,41 +132,57 @@ def main(cfg: Config) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         attack.load_state_dict(state.get("attack", {}))
         torch.set_rng_state(state["torch_rng"])
+        if state.get("world_size", world) != world or state.get("grad_accum", accum) != accum:
+            print(f"note: checkpoint was written with world size {state.get('world_size')} x grad_accum "
+                  f"{state.get('grad_accum')}; continuing with {world} x {accum}", file=sys.stderr)
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
-        print(f"resumed from {resume_from}: epoch {epoch}, batch {batch}, step {step}", file=sys.stderr)
+        if main_rank:
+            print(f"resumed from {resume_from}: epoch {epoch}, batch {batch}, step {step}", file=sys.stderr)
 
-    log = RunLog(run_dir, cfg.log.tensorboard)
-    log.write("start", step, device=str(device), amp=str(amp_dtype), steps_per_epoch=spe, peak_lr=peak_lr,
-              resumed_from=str(resume_from) if resume_from else None, threads=torch.get_num_threads())
+    log = RunLog(run_dir, cfg.log.tensorboard) if main_rank else None
+    progress = cfg.log.progress and main_rank
+    if log:
+        log.write("start", step, device=str(device), amp=str(amp_dtype), steps_per_epoch=spe, peak_lr=peak_lr,
+                  world_size=world, global_batch=global_batch, resumed_from=str(resume_from) if resume_from else None,
+                  threads=torch.get_num_threads())
     quick = eval_attacks(cfg.eval, amp_dtype, cfg.run.seed, [cfg.eval.quick_steps]) if cfg.eval.every_epochs else {}
 
     def checkpoint(at_epoch: int, at_batch: int, at_step: int) -> None:
-        if at_batch >= spe:
+        if not main_rank:
+            return
+        if at_batch >= spe * accum:
             at_epoch, at_batch = at_epoch + 1, 0
         ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else {}, "attack": attack.state_dict(),
                     "torch_rng": torch.get_rng_state(), "epoch": at_epoch, "batch": at_batch, "step": at_step,
-                    "config": cfg.to_yaml(), "meta": json.dumps(meta)}, at_step)
+                    "config": cfg.to_yaml(), "meta": json.dumps(meta), "world_size": world, "grad_accum": accum},
+                   at_step)
 
     summary: dict[str, Any] = {}
     stopped = False
+    reason = ""
     t_train = time.perf_counter()
     while epoch < cfg.schedule.epochs and not stopped:
         train_loader.set_epoch(epoch)
         cur_epoch = epoch
 
         def after_step(s: int, m: dict) -> bool:
-            if s % cfg.log.every_steps == 0 or m["batch"] == spe:
-                log.write("train", s, epoch=cur_epoch + m["batch"] / spe, **m)
-            stop = cfg.run.max_steps > 0 and s >= cfg.run.max_steps
-            if stop or (cfg.run.ckpt_every_steps and s % cfg.run.ckpt_every_steps == 0 and m["batch"] < spe):
+            nonlocal reason
+            end_of_epoch = m["batch"] == spe * accum
+            if log and (s % cfg.log.every_steps == 0 or end_of_epoch):
+                log.write("train", s, epoch=cur_epoch + m["batch"] / (spe * accum), **m)
+            if cfg.run.max_steps > 0 and s >= cfg.run.max_steps:
+                reason = "max_steps"
+            elif dist.any_rank(preempt.stop_requested(), device):
+                reason = "preempted"
+            if reason or (cfg.run.ckpt_every_steps and s % cfg.run.ckpt_every_steps == 0 and not end_of_epoch):
                 checkpoint(cur_epoch, m["batch"], s)
-            return stop
+            return bool(reason)
 
-        res = train_one_epoch(model, train_loader, attack, objective, optimizer,
+        res = train_one_epoch(train_model, train_loader, attack, objective, optimizer,
                               lr_at=lambda s: set_lr(optimizer, peak_lr, lr_factor(s, spe, cfg.schedule)),
                               first_step=step, skip_batches=batch, amp_dtype=amp_dtype, scaler=scaler,
-                              after_step=after_step, progress=cfg.log.progress,
+                              after_step=after_step, progress=progress, attack_model=model, accum=accum,
                               desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         step += res.pop("steps")
         stopped = res.pop("stopped")
@@ -155,20 +195,26 @@ def main(cfg: Config) -> dict[str, Any]:
                f"train acc {100 * res.get('acc', 0):.1f}% ({res['img_per_s']:.1f} img/s)"
         if quick and epoch % cfg.eval.every_epochs == 0:
             q = evaluate(model, val_loader, quick, amp_dtype=amp_dtype, max_images=cfg.eval.quick_images,
-                         progress=cfg.log.progress, desc="val")
+                         progress=progress, desc="val")
             qk = next(iter(quick))
-            log.write("val", step, epoch=epoch, clean_acc=q["clean"]["acc"], pgd_acc=q[qk]["acc"], attack=qk)
+            if log:
+                log.write("val", step, epoch=epoch, clean_acc=q["clean"]["acc"], pgd_acc=q[qk]["acc"], attack=qk)
             line += f" | val clean {100 * q['clean']['acc']:.1f}% {qk} {100 * q[qk]['acc']:.1f}%"
-        log.write("epoch", step, epoch=epoch, **res)
-        print(line, file=sys.stderr)
+        if log:
+            log.write("epoch", step, epoch=epoch, **res)
+            print(line, file=sys.stderr)
     summary.update(steps=step, seconds=time.perf_counter() - t_train, epoch=epoch, stopped=stopped)
     if stopped:
-        log.write("stopped", step, epoch=epoch, reason="run.max_steps")
-        log.close()
-        return {"stopped": True, "step": step, "run_dir": str(run_dir)}
+        if log:
+            log.write("stopped", step, epoch=epoch, reason=reason)
+            log.close()
+        dist.barrier()  # the checkpoint is on disk before any rank returns
+        return {"stopped": True, "reason": reason, "step": step, "run_dir": str(run_dir)}
 
     results = evaluate(model, val_loader, eval_attacks(cfg.eval, amp_dtype, cfg.run.seed), amp_dtype=amp_dtype,
-                       max_images=cfg.eval.max_images, progress=cfg.log.progress, desc="final eval")
+                       max_images=cfg.eval.max_images, progress=progress, desc="final eval")
+    if not main_rank:
+        return {"stopped": False, "step": step, "eval": results, "run_dir": str(run_dir), "train": summary}
     _, plot = write_eval(run_dir, results, f"{cfg.model.arch}, eps {cfg.eval.eps:g}/255, "
                                            f"{'targeted' if cfg.eval.targeted else 'untargeted'}")
     log.write("eval", step, **{f"{k}_acc": v["acc"] for k, v in results.items()})

@@ -27,7 +27,7 @@ def test_run_folder_resume_is_exact(digits_root: Path, tmp_path: Path) -> None:
     assert not full["stopped"] and full["step"] == 2 * (1438 // 64)
 
     part = main(load_config(None, tiny_overrides(digits_root, tmp_path, "split", **common, **{"run.max_steps": 5})))
-    assert part == {"stopped": True, "step": 5, "run_dir": str(tmp_path / "split")}
+    assert part == {"stopped": True, "reason": "max_steps", "step": 5, "run_dir": str(tmp_path / "split")}
     ck = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert (ck["epoch"], ck["batch"], ck["step"]) == (0, 5, 5)
     resumed = main(load_config(None, tiny_overrides(digits_root, tmp_path, "split", **common,

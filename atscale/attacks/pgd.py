@@ -77,9 +77,16 @@ class PGD:
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             return model(x).float()
 
-    def _hit(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _level(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """2 = classified as the target, 1 = misclassified, 0 = correct. Evaluation keeps each example's first iterate
+        of the highest level reached, so accuracy (level >= 1 at any iterate) cannot rise with more steps and targeted
+        success (level 2 at any iterate) cannot fall."""
         pred = logits.argmax(1)
-        return pred == target if target is not None else pred != y
+        lv = (pred != y).to(torch.int8)
+        if target is not None:
+            lv = lv + (pred == target).to(torch.int8)
+        return lv
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         x = x.detach()
@@ -88,7 +95,7 @@ class PGD:
             x_adv = self._start(x, g)
             lo, hi = (x - self.eps).clamp_(min=0), (x + self.eps).clamp_(max=1)
             target = None
-            best = done = None
+            best = level = None
             for i in range(self.iters + 1):
                 last = i == self.iters
                 if last and not self.keep_best:
@@ -100,19 +107,21 @@ class PGD:
                     k = logits.shape[1]
                     target = (y + torch.randint(1, k, y.shape, generator=g, device=y.device)) % k
                 if self.keep_best:
-                    hit = self._hit(logits.detach(), y, target)
+                    lv = self._level(logits.detach(), y, target)
                     if best is None:
-                        best, done = x_adv.detach().clone(), hit
+                        best, level = x_adv.detach().clone(), lv
                     else:
-                        new = hit & ~done
-                        best[new] = x_adv.detach()[new]
-                        done = done | hit
+                        better = lv > level
+                        best[better] = x_adv.detach()[better]
+                        level = torch.maximum(level, lv)
                 if last:
                     break
                 loss = F.cross_entropy(logits, target if self.targeted else y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 direction = -1.0 if self.targeted else 1.0
                 x_adv = torch.min(torch.max(x_adv.detach() + direction * self.step * grad.sign(), lo), hi)
+            success = None
             if self.keep_best:
-                x_adv = torch.where(done.view(-1, 1, 1, 1), best, x_adv.detach())
-            return AttackResult(x_adv.detach(), target, done)
+                x_adv = torch.where((level > 0).view(-1, 1, 1, 1), best, x_adv.detach())
+                success = level >= (2 if self.targeted else 1)
+            return AttackResult(x_adv.detach(), target, success)

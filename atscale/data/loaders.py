@@ -4,13 +4,37 @@ Train: random-resized crop (or center crop) and a horizontal flip drawn from a t
 (seed, epoch, batch), so flips are reproducible and a resumed epoch sees the same flips. The sample order is FFCV's,
 seeded by ``seed + epoch``. Val: center crop, sequential order. Decoding and cropping are FFCV's numba code, whose
 random crop draws from numba's own generator (not seeded by us).
+Distributed: train uses one shared permutation per epoch split across ranks; val uses the strided shard of each rank.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
+
+
+def _sharded_order(rank: int, world_size: int):
+    """FFCV TraversalOrder: one permutation per epoch from (seed + epoch), shared by all ranks; rank r takes
+    ``perm[r::world]`` after dropping the tail that does not divide evenly. With global batch B x world the union of the
+    ranks' i-th batches is the same set for every world size, so a 1-process and an N-process run see the same batches.
+    """
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardedRandom(TraversalOrder):
+        def __init__(self) -> None:  # FFCV calls the instance with the loader (see ``__call__``)
+            pass
+
+        def __call__(self, loader) -> "ShardedRandom":
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            order = self.indices[np.random.default_rng(self.seed + epoch).permutation(len(self.indices))]
+            return order[: len(order) - len(order) % world_size][rank::world_size]
+
+    return ShardedRandom()
 
 
 class DeviceLoader:
@@ -20,7 +44,7 @@ class DeviceLoader:
         self.loader = loader
         self.device = device
         self.flip = flip
-        self.seed = seed
+        self.seed = seed  # flips: distinct per rank (make_loader mixes the rank in); the sample order uses FFCV's seed
         self.channels_last = channels_last
         self.epoch = 0
 
@@ -51,7 +75,10 @@ class DeviceLoader:
 
 
 def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, seed: int, train: bool,
-                distributed: bool = False, channels_last: bool = True) -> DeviceLoader:
+                channels_last: bool = True, rank: int = 0, world_size: int = 1) -> DeviceLoader:
+    """FFCV loader for one rank. Train: the sharded order (each rank a disjoint part of every epoch, reshuffled per
+    epoch from the shared seed, world-size invariant global batches). Val: the strided shard ``rank::world_size`` in order, so every
+    image is evaluated exactly once across ranks (no padding, no dropped remainder)."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -67,7 +94,14 @@ def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, se
     to_dev = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     pipelines = {"image": [decoder, ToTensor(), *to_dev, ToTorchImage(channels_last=True)],
                  "label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev]}
+    indices = None
+    if not train and world_size > 1:
+        from ffcv.reader import Reader
+
+        indices = np.arange(Reader(str(path)).num_samples, dtype=np.uint64)[rank::world_size]  # FFCV wants uint64
     loader = Loader(str(path), batch_size=data_cfg.batch_size if train else data_cfg.eval_batch_size,
-                    num_workers=data_cfg.num_workers, order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-                    drop_last=train, distributed=distributed, seed=seed, pipelines=pipelines, os_cache=True)
-    return DeviceLoader(loader, device, flip=train and data_cfg.flip, seed=seed, channels_last=channels_last)
+                    num_workers=data_cfg.num_workers,
+                    order=_sharded_order(rank, world_size) if train else OrderOption.SEQUENTIAL,
+                    drop_last=train, seed=seed, indices=indices, pipelines=pipelines, os_cache=True)
+    return DeviceLoader(loader, device, flip=train and data_cfg.flip, seed=seed + 7919 * rank,
+                        channels_last=channels_last)
