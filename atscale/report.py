@@ -54,7 +54,8 @@ def plot_training(log_path: Path, path: Path) -> Path | None:
     a2.set_xlabel("step")
     a2.set_ylabel("accuracy (%)")
     a2.grid(alpha=0.3)
-    a2.legend()
+    if val:
+        a2.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

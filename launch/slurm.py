@@ -1,6 +1,6 @@
 """Submit ``atscale.train`` to SLURM (or the local machine) with submitit; requeue on preemption / time limit.
 
-    python -m launch.slurm --config configs/imagenet/iat_resnet152.yaml run.name=iat152 \\
+    python -m launch.slurm --config configs/imagenet/r152_iat.yaml run.name=iat152 \\
         --nodes 16 --gpus-per-node 8 --partition gpu --time 72:00:00 --account proj
     python -m launch.slurm --config configs/demo.yaml --dry-run      # print the sbatch script, submit nothing
     python -m launch.slurm --config configs/demo.yaml --local         # same job through submitit's local executor
