@@ -82,12 +82,18 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """run.device (auto | cpu | cuda) -> this rank's device: cuda:<local_rank> when CUDA is used."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def init(env: DistEnv, device_pref: str = "auto", backend: str = "auto", timeout_min: float = 30) -> torch.device:
     """Pick the device for this rank and, when distributed, join the process group. Returns the device."""
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
-    device = torch.device("cuda", env.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    device = resolve_device(device_pref, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.distributed and not dist.is_initialized():

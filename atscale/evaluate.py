@@ -11,11 +11,12 @@ import torch
 from atscale.checkpoint import load_checkpoint
 from atscale.config import Config, ConfigError, config_from_yaml_text
 from atscale.data import make_loader, read_meta
+from atscale.distributed import resolve_device
 from atscale.engine import evaluate
 from atscale.export import export_timm
 from atscale.models import NormalizedModel, build_from_config
 from atscale.report import results_table
-from atscale.train import _load_model_state, eval_attacks, resolve_amp, resolve_device, write_eval
+from atscale.train import _load_model_state, eval_attacks, resolve_amp, write_eval
 
 _ATTACK_RE = re.compile(r"^pgd(\d+)$")
 

@@ -28,14 +28,6 @@ from atscale.report import plot_accuracy_vs_steps, plot_training, results_table,
 from atscale.runlog import RunLog
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None

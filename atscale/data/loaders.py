@@ -51,10 +51,6 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.loader.indices)
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
