@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,14 @@ class CheckpointDir:
     def last(self) -> Path:
         return self.root / "last.pt"
 
+    @staticmethod
+    def step_name(step: int) -> str:
+        return f"step_{step:08d}"
+
     def save(self, state: dict[str, Any], step: int) -> Path:
-        path = self.root / f"step_{step:08d}.pt"
+        """Write ``step_<n>.pt`` atomically, point ``last.pt`` at it, and drop old steps (with their ``.ds`` folder of
+        DeepSpeed partitions, when there is one)."""
+        path = self.root / f"{self.step_name(step)}.pt"
         save_checkpoint(state, path)
         tmp = self.root / f".last.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
@@ -89,6 +96,7 @@ class CheckpointDir:
             atomic_write_bytes(self.last, path.read_bytes())
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(old.with_suffix(".ds"), ignore_errors=True)
         return path
 
     def step_files(self) -> list[Path]:

@@ -139,9 +139,13 @@ class RunCfg:
 
 @dataclass
 class DistCfg:
-    """Synchronized SGD (DDP, or DeepSpeed later): global batch = data.batch_size x world size x grad_accum."""
+    """Synchronized SGD: global batch = data.batch_size x world size x grad_accum.
 
-    engine: Literal["ddp"] = "ddp"
+    engine: ddp (DistributedDataParallel) or deepspeed (ZeRO stage ``zero_stage``: 1 partitions optimizer state,
+    2 also gradients; bf16/fp16 with fp32 master weights when run.amp asks for it on GPU)."""
+
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2] = 1
     grad_accum: int = 1
     sync_bn: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"

@@ -24,7 +24,7 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    source: str = "single"  # torchrun | slurm | single
+    source: str = "single"  # torchrun | slurm | single | single-group (one rank with a process group)
 
     @property
     def distributed(self) -> bool:
@@ -91,18 +91,33 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(env: DistEnv, device_pref: str = "auto", backend: str = "auto", timeout_min: float = 30) -> torch.device:
-    """Pick the device for this rank and, when distributed, join the process group. Returns the device."""
+def init(env: DistEnv, device_pref: str = "auto", backend: str = "auto", timeout_min: float = 30,
+         group_required: bool = False) -> torch.device:
+    """Pick the device for this rank and, when distributed, join the process group. Returns the device.
+
+    ``group_required``: a single process still gets a 1-rank group on a free loopback port (DeepSpeed needs one)."""
     device = resolve_device(device_pref, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if not env.distributed and group_required and not dist.is_initialized():
+        env = DistEnv(master_port=_free_port(), source="single-group")
     if env.distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        for k, v in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+            os.environ.setdefault(k, str(v))  # libraries that read the world from the environment (DeepSpeed)
         dist.init_process_group(backend_for(device) if backend == "auto" else backend, rank=env.rank,
                                 world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if device.type == "cuda" else None)
     return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_dist() -> bool:

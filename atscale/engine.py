@@ -4,7 +4,6 @@ Both return plain dicts of averages over the images they saw. Wiring (data, mode
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -40,26 +39,26 @@ def _bar(iterable: Iterable, total: int, desc: str, enabled: bool, initial: int 
                 initial=initial, mininterval=1.0, leave=False)
 
 
-def train_one_epoch(model: nn.Module, loader, attack, objective, optimizer: torch.optim.Optimizer, *,
-                    lr_at: Callable[[int], float], first_step: int, skip_batches: int = 0,
-                    amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int], float], first_step: int,
+                    skip_batches: int = 0, amp_dtype: torch.dtype | None = None,
                     after_step: Callable[[int, dict], bool] | None = None, progress: bool = True,
-                    desc: str = "train", attack_model: nn.Module | None = None, accum: int = 1) -> dict:
+                    desc: str = "train") -> dict:
     """Run the rest of one epoch from (micro-)batch ``skip_batches``; ``after_step(step, metrics)`` returning True stops.
 
-    Per micro-batch: x_adv = attack(attack_model, x, y) on the unwrapped module (eval-mode BN, no parameter grads, so
-    no DDP hooks fire), then the objective through ``model`` (DDP or plain) and backward, scaled by 1/accum. Every
-    ``accum`` micro-batches one optimizer step; gradients are all-reduced once per step (``no_sync`` before that).
+    ``updater`` (atscale.updater: DDP or DeepSpeed) holds the model and optimizer. Per micro-batch:
+    x_adv = attack(updater.model, x, y) on the unwrapped module (eval-mode BN, no parameter grads, so no gradient
+    synchronization fires), then the objective through ``updater.module`` and ``updater.backward``; every
+    ``updater.accum`` micro-batches make one optimizer step with one gradient all-reduce.
     """
-    attack_model = attack_model if attack_model is not None else model
-    model.train()
+    module, accum = updater.module, updater.accum
+    module.train()
     meter = Meter()
     step = first_step
     t0, seen = time.perf_counter(), 0
     usable = len(loader) - len(loader) % accum
     bar = _bar(loader, usable, desc, progress, initial=skip_batches)
     stopped = False
-    device = next(model.parameters()).device
+    device = next(updater.model.parameters()).device
     for i, (x, y) in enumerate(bar):
         if i < skip_batches:
             continue
@@ -67,24 +66,15 @@ def train_one_epoch(model: nn.Module, loader, attack, objective, optimizer: torc
             break
         last_micro = (i + 1) % accum == 0
         lr = lr_at(step)
-        x_adv = attack(attack_model, x, y) if objective.needs_attack else x
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        if i % accum == 0:
-            optimizer.zero_grad(set_to_none=True)
-        with sync:
+        x_adv = attack(updater.model, x, y) if objective.needs_attack else x
+        with updater.micro_batch(last_micro):
             with autocast(device, amp_dtype):
-                out = objective(model, x, x_adv, y)
-            loss = out.loss / accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+                out = objective(module, x, x_adv, y)
+            updater.backward(out.loss, last_micro)
         n = y.shape[0]
         seen += n
         if not last_micro:
             continue
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
         step += 1
         m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
         if out.clean_logits is not None:

@@ -26,6 +26,7 @@ from atscale.objectives import build_objective
 from atscale.optim import build_optimizer, lr_factor, set_lr
 from atscale.report import plot_accuracy_vs_steps, plot_training, results_table, write_report
 from atscale.runlog import RunLog
+from atscale.updater import build_updater
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
@@ -66,7 +67,8 @@ def write_eval(run_dir: Path, results: dict, title: str) -> tuple[Path, Path]:
 def main(cfg: Config) -> dict[str, Any]:
     """Train, evaluate, export and report one run; under torchrun / SLURM every rank calls this (rank 0 writes)."""
     env = dist.DistEnv.from_env()
-    device = dist.init(env, cfg.run.device, cfg.dist.backend, cfg.dist.timeout_min)
+    device = dist.init(env, cfg.run.device, cfg.dist.backend, cfg.dist.timeout_min,
+                       group_required=cfg.dist.engine == "deepspeed")
     try:
         return _main(cfg, env, device)
     finally:
@@ -94,10 +96,6 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     if cfg.dist.sync_bn and world > 1:
         model = dist.convert_sync_bn(model, device)
     model = model.to(device)
-    train_model: torch.nn.Module = model
-    if dist.is_dist():
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
     loader_args = dict(channels_last=cfg.model.channels_last, rank=rank, world_size=world)
     train_loader = make_loader(cfg.data.root, "train", cfg.data, device, cfg.run.seed, train=True, **loader_args)
     val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False, **loader_args)
@@ -109,7 +107,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     global_batch = cfg.data.batch_size * world * accum
     optimizer = build_optimizer(model, cfg.optim, global_batch)
     peak_lr = optimizer.param_groups[0]["lr"]
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    updater = build_updater(cfg.dist, model, optimizer, device, amp_dtype, cfg.data.batch_size)
+    model = updater.model
     attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed + 1009 * rank)
     objective = build_objective(cfg.objective)
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.run.keep_last)
@@ -119,9 +118,7 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     if resume_from is not None:
         state = load_checkpoint(resume_from, map_location=device)
         _load_model_state(model, state["model"], str(resume_from), cfg)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        updater.load_state(state, resume_from.parent)
         attack.load_state_dict(state.get("attack", {}))
         torch.set_rng_state(state["torch_rng"])
         if state.get("world_size", world) != world or state.get("grad_accum", accum) != accum:
@@ -140,15 +137,16 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     quick = eval_attacks(cfg.eval, amp_dtype, cfg.run.seed, [cfg.eval.quick_steps]) if cfg.eval.every_epochs else {}
 
     def checkpoint(at_epoch: int, at_batch: int, at_step: int) -> None:
-        if not main_rank:
-            return
+        """All ranks call this (DeepSpeed writes one optimizer partition per rank); rank 0 writes the step file."""
         if at_batch >= spe * accum:
             at_epoch, at_batch = at_epoch + 1, 0
-        ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {}, "attack": attack.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "epoch": at_epoch, "batch": at_batch, "step": at_step,
-                    "config": cfg.to_yaml(), "meta": json.dumps(meta), "world_size": world, "grad_accum": accum},
-                   at_step)
+        state = updater.save_state(ckpts.root, ckpts.step_name(at_step), main_rank)
+        if not main_rank:
+            return
+        state.update({"attack": attack.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": at_epoch,
+                      "batch": at_batch, "step": at_step, "config": cfg.to_yaml(), "meta": json.dumps(meta),
+                      "world_size": world, "grad_accum": accum, "engine": updater.engine})
+        ckpts.save(state, at_step)
 
     summary: dict[str, Any] = {}
     stopped = False
@@ -171,11 +169,10 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
                 checkpoint(cur_epoch, m["batch"], s)
             return bool(reason)
 
-        res = train_one_epoch(train_model, train_loader, attack, objective, optimizer,
-                              lr_at=lambda s: set_lr(optimizer, peak_lr, lr_factor(s, spe, cfg.schedule)),
-                              first_step=step, skip_batches=batch, amp_dtype=amp_dtype, scaler=scaler,
-                              after_step=after_step, progress=progress, attack_model=model, accum=accum,
-                              desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
+        res = train_one_epoch(updater, train_loader, attack, objective,
+                              lr_at=lambda s: set_lr(updater.optimizer, peak_lr, lr_factor(s, spe, cfg.schedule)),
+                              first_step=step, skip_batches=batch, amp_dtype=amp_dtype, after_step=after_step,
+                              progress=progress, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         step += res.pop("steps")
         stopped = res.pop("stopped")
         summary = res

@@ -20,8 +20,10 @@ from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 GN = {"model.kwargs": {"channels": [32, 64, 128, 256], "norm_layer": "groupnorm"}}
+# optim.lr 0.04: digits have flat backgrounds, so normalized activations there sit at exactly 0 +- rounding and ReLU
+# masks flip on 1e-7 differences; at the tiny config's lr 0.4 such a flip moves weights by ~1e-4 within 4 steps
 EQUIV = {"data.train_crop": "center", "attack.clean_start_prob": 1.0, "run.max_steps": 4, "schedule.warmup_epochs": 0,
-         "eval.steps": [1], "eval.max_images": 0, "run.threads": 1}
+         "eval.steps": [1], "eval.max_images": 0, "run.threads": 1, "optim.lr": 0.04}
 CLEAN = {"objective.name": "clean", "attack.name": "none"}
 
 
@@ -129,10 +131,66 @@ def test_dist_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path: Path) -> 
         torch.testing.assert_close(got["rv"], ref.running_var)
 
 
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+
+
+def _sgd_steps(net: torch.nn.Module, batches, rank: int = 0, world: int = 1) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    for x, y in batches:
+        n = x.shape[0] // world
+        loss = torch.nn.functional.cross_entropy(net(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _bn_batches(steps: int = 6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 3, 6, 6, generator=g) * 2 + 0.5, torch.randint(0, 5, (16,), generator=g))
+            for _ in range(steps)]
+
+
+def _sync_bn_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+
+    from atscale.distributed import convert_sync_bn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    net = convert_sync_bn(_bn_net(), torch.device("cpu"))
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    _sgd_steps(ddp, _bn_batches(), rank, world)
+    if rank == 0:
+        torch.save(net.state_dict(), f"{out}/ddp.pt")
+    tdist.destroy_process_group()
+
+
+def test_sync_bn_under_ddp_matches_one_process_over_several_steps(tmp_path: Path) -> None:
+    """Six SGD steps of a conv-BN net: DDP on 2 gloo ranks with synchronized BN (each rank holds half of every batch)
+    reaches the weights and running statistics of plain BatchNorm trained on the whole batches in one process."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_bn_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ref = _bn_net()
+    _sgd_steps(ref, _bn_batches())
+    got = torch.load(tmp_path / "ddp.pt")
+    assert set(got) == set(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got[k].to(v.dtype), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_sync_bn_training_step_matches_one_process(digits_root: Path, tmp_path: Path) -> None:
     """One full training step through FFCV, DDP and synchronized BN on 2 ranks equals the 1-process BN step.
-    Known gap (noted on the issue): over 3+ steps this pipeline drifts to ~5e-3 while the same layer under DDP on fixed
-    tensors does not, so only the first step is asserted here."""
+
+    Only the first step is compared: BN training of this tiny ResNet on digits is chaotic at float precision. A 1e-6
+    relative perturbation of the 1-process run's initial weights alone moves its weights by ~5e-2 after four steps,
+    the same spread as the 2-rank run, so later steps cannot discriminate. Several steps are checked on fixed tensors
+    in test_sync_bn_under_ddp_matches_one_process_over_several_steps."""
     wide = {**EQUIV, **CLEAN, "model.kwargs": {"channels": [16, 32, 64, 128]}, "run.max_steps": 1}
     main(load_config(None, tiny_overrides(digits_root, tmp_path, "bn1", **wide)))
     _torchrun(tiny_overrides(digits_root, tmp_path, "sync2", **wide, **{"data.batch_size": 32, "dist.sync_bn": True}),

@@ -2,7 +2,8 @@
 
 During an attack (Feature Denoising, Sec 4.5; DESIGN "Units and invariants"): BN layers use running statistics and
 never update them (eval mode), and parameters do not require grad, so backward computes the input gradient only
-(2 forward-equivalents per PGD step instead of 3) and no parameter ``.grad`` is touched.
+(2 forward-equivalents per PGD step instead of 3) and no parameter ``.grad`` is touched. Layers that behave
+differently for the attacker (``atscale.layers.context``) see ``in_attack()`` as True.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Iterator, Protocol
 
 import torch
 from torch import nn
+
+from atscale.layers.context import attack_pass
 
 
 class Attack(Protocol):
@@ -26,7 +29,8 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        yield model
+        with attack_pass():
+            yield model
     finally:
         for m, t in modes:
             m.training = t
