@@ -1,0 +1,1 @@
+"""Pluggable layers for the papers' architectures: smooth activations, Mixture BN, feature-denoising blocks."""

@@ -1,0 +1,61 @@
+"""Which pass the network is running: the attacker's input-gradient passes or the optimizer's passes, and which BN domain.
+
+Layers whose behaviour depends on the pass read it from here, so no model code needs extra arguments:
+- the Table 5.1 ablation of Smooth Adversarial Training (Xie thesis Sec 5.3) switches an activation's backward pass for
+  the attacker only, the optimizer only, or both (``in_attack()``);
+- Mixture BN / auxiliary BN (Sec 6.4.2, Chapter 7) picks a BN domain per forward pass (``bn_domain()``).
+Attacks enter ``attack_pass()`` (``atscale.attacks.base.attack_mode`` does) and the objective's attack domain;
+objectives enter ``domain(name)`` or ``domain_split(...)`` for a concatenated clean + adversarial batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator
+
+_ATTACK: ContextVar[bool] = ContextVar("atscale_attack_pass", default=False)
+_DOMAIN: ContextVar[str | None] = ContextVar("atscale_bn_domain", default=None)
+_SPLIT: ContextVar[tuple[tuple[str, int], ...] | None] = ContextVar("atscale_bn_split", default=None)
+
+
+@contextlib.contextmanager
+def attack_pass() -> Iterator[None]:
+    """Mark the forward and backward passes run inside as the attacker's (input gradients only)."""
+    token = _ATTACK.set(True)
+    try:
+        yield
+    finally:
+        _ATTACK.reset(token)
+
+
+def in_attack() -> bool:
+    return _ATTACK.get()
+
+
+@contextlib.contextmanager
+def domain(name: str | None) -> Iterator[None]:
+    """Route every domain-aware BN layer to domain ``name`` (None = the layer's own default) inside the block."""
+    token = _DOMAIN.set(name)
+    try:
+        yield
+    finally:
+        _DOMAIN.reset(token)
+
+
+def bn_domain() -> str | None:
+    return _DOMAIN.get()
+
+
+@contextlib.contextmanager
+def domain_split(*parts: tuple[str, int]) -> Iterator[None]:
+    """One forward pass over concatenated batches: the first n1 images go through domain d1's BN, the next n2 through
+    d2's, ... (``domain_split(("clean", n), ("adv", n))``). One pass keeps DDP to one forward per backward."""
+    token = _SPLIT.set(tuple((str(d), int(n)) for d, n in parts))
+    try:
+        yield
+    finally:
+        _SPLIT.reset(token)
+
+
+def bn_split() -> tuple[tuple[str, int], ...] | None:
+    return _SPLIT.get()
