@@ -67,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="FFCV dataset folder (default: the run's data.root)")
     e.add_argument("--out", help="folder for eval.json and the plot (default: the run folder)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--bn-domain", help="Mixture BN models: the BN domain to evaluate (e.g. clean or adv)")
 
     x = sub.add_parser("export", help="export a checkpoint to a folder that timm.create_model('local-dir:...') loads")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--bn-domain", help="Mixture BN models: the BN domain kept as plain BN (default: model.eval_domain)")
     return p
 
 
@@ -94,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
             eval_checkpoint(args.checkpoint, attacks=args.attacks, eps=args.eps, step=args.step,
                             targeted=args.targeted, max_images=args.max_images, data_root=args.data, out=args.out,
-                            device=args.device)
+                            device=args.device, bn_domain=args.bn_domain)
         elif args.cmd == "export":
             from atscale.evaluate import export_checkpoint
 
-            print(export_checkpoint(args.checkpoint, args.out))
+            print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain))
     except (ConfigError, DatasetError, CheckpointError, ModelError) as err:
         print(f"atscale {args.cmd}: error: {err}", file=sys.stderr)
         return 2

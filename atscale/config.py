@@ -52,6 +52,8 @@ class ModelCfg:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     channels_last: bool = True
+    bn_domains: list[str] = field(default_factory=list)  # Mixture BN (Sec 6.4.2): one BN per domain, e.g. [clean, adv]
+    eval_domain: str = ""  # the BN domain used for evaluation and kept by export ("" = the first of bn_domains)
 
 
 @dataclass
@@ -69,9 +71,11 @@ class AttackCfg:
 
 @dataclass
 class ObjectiveCfg:
-    """Training objective (Intriguing Properties, Sec 6.3): madry = 100% adv; mixed = a*J(clean) + (1-a)*J(adv)."""
+    """Training objective (Xie thesis Sec 6.3): madry = 100% adv; mixed = a*J(clean) + (1-a)*J(adv) in shared BNs;
+    mbn = the same with separate clean / adv BNs (Sec 6.4.2); advprop = J(clean) + J(adv) with auxiliary adv BNs
+    (Chapter 7). mbn and advprop need model.bn_domains: [clean, adv]."""
 
-    name: Literal["madry", "mixed", "clean"] = "madry"
+    name: Literal["madry", "mixed", "mbn", "advprop", "clean"] = "madry"
     clean_weight: float = 0.5
     label_smoothing: float = 0.1
 
@@ -292,6 +296,17 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value!r} is out of range: expected {want}")
     if len(cfg.model.mean) != 3 or len(cfg.model.std) != 3 or min(cfg.model.std) <= 0:
         raise ConfigError("config keys 'model.mean' and 'model.std' must be three numbers each, std > 0")
+    doms = cfg.model.bn_domains
+    if len(set(doms)) != len(doms):
+        raise ConfigError(f"config key 'model.bn_domains' = {doms} repeats a domain; list each BN domain once")
+    if cfg.model.eval_domain and cfg.model.eval_domain not in doms:
+        raise ConfigError(f"config key 'model.eval_domain' = {cfg.model.eval_domain!r} is not one of model.bn_domains "
+                          f"{doms}; set model.bn_domains (e.g. [clean, adv]) or leave eval_domain empty")
+    if cfg.objective.name in ("mbn", "advprop") and not {"clean", "adv"} <= set(doms):
+        raise ConfigError(f"objective.name = {cfg.objective.name!r} trains separate BNs for clean and adversarial "
+                          f"images, so it needs a BN model with model.bn_domains: [clean, adv] (got {doms or 'none'})")
+    if cfg.objective.name in ("mbn", "advprop") and cfg.attack.name == "none":
+        raise ConfigError(f"objective.name = {cfg.objective.name!r} needs an attack; set attack.name to pgd or fgsm")
     if cfg.attack.name != "none" and cfg.attack.step > 255:
         raise ConfigError(f"config key 'attack.step' = {cfg.attack.step} is out of range: expected 0..255 pixel units")
 

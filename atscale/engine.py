@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from atscale import distributed as dist
 from atscale.attacks.pgd import PGD
+from atscale.layers.context import domain
 
 
 @dataclass
@@ -66,7 +67,11 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
             break
         last_micro = (i + 1) % accum == 0
         lr = lr_at(step)
-        x_adv = attack(updater.model, x, y) if objective.needs_attack else x
+        if objective.needs_attack:
+            with domain(objective.attack_domain):
+                x_adv = attack(updater.model, x, y)
+        else:
+            x_adv = x
         with updater.micro_batch(last_micro):
             with autocast(device, amp_dtype):
                 out = objective(module, x, x_adv, y)

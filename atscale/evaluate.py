@@ -14,6 +14,7 @@ from atscale.data import make_loader, read_meta
 from atscale.distributed import resolve_device
 from atscale.engine import evaluate
 from atscale.export import export_timm
+from atscale.layers.mixture_bn import set_default_domain
 from atscale.models import NormalizedModel, build_from_config
 from atscale.report import results_table
 from atscale.train import _load_model_state, eval_attacks, resolve_amp, write_eval
@@ -21,12 +22,18 @@ from atscale.train import _load_model_state, eval_attacks, resolve_amp, write_ev
 _ATTACK_RE = re.compile(r"^pgd(\d+)$")
 
 
-def model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[NormalizedModel, Config, dict]:
+def model_from_checkpoint(path: str | Path, device: torch.device,
+                          bn_domain: str | None = None) -> tuple[NormalizedModel, Config, dict]:
+    """The trained model in eval mode; Mixture BN models evaluate ``bn_domain`` (default: the run's eval domain)."""
     state = load_checkpoint(path, map_location=device)
     cfg = config_from_yaml_text(state["config"])
     meta = json.loads(state["meta"])
     model = build_from_config(cfg.model, meta["num_classes"]).to(device)
     _load_model_state(model, state["model"], str(path), cfg)
+    if bn_domain:
+        if bn_domain not in cfg.model.bn_domains:
+            raise ConfigError(f"--bn-domain {bn_domain!r}: this model's BN domains are {cfg.model.bn_domains or 'none'}")
+        set_default_domain(model, bn_domain)
     return model.eval(), cfg, meta
 
 
@@ -45,9 +52,9 @@ def parse_attacks(text: str) -> list[int]:
 def eval_checkpoint(path: str | Path, *, attacks: str | None = None, eps: float | None = None,
                     step: float | None = None, targeted: bool | None = None, max_images: int | None = None,
                     data_root: str | None = None, out: str | Path | None = None, device: str = "auto",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, bn_domain: str | None = None) -> dict:
     dev = resolve_device(device)
-    model, cfg, _ = model_from_checkpoint(path, dev)
+    model, cfg, _ = model_from_checkpoint(path, dev, bn_domain)
     ev = cfg.eval
     ev = replace(ev, steps=parse_attacks(attacks) if attacks else ev.steps, eps=ev.eps if eps is None else eps,
                  step=ev.step if step is None else step, targeted=ev.targeted if targeted is None else targeted,
@@ -66,8 +73,8 @@ def eval_checkpoint(path: str | Path, *, attacks: str | None = None, eps: float 
     return results
 
 
-def export_checkpoint(path: str | Path, out: str | Path) -> Path:
-    model, cfg, meta = model_from_checkpoint(path, torch.device("cpu"))
+def export_checkpoint(path: str | Path, out: str | Path, bn_domain: str | None = None) -> Path:
+    model, cfg, meta = model_from_checkpoint(path, torch.device("cpu"), bn_domain)
     return export_timm(model, out, mean=cfg.model.mean, std=cfg.model.std, input_size=cfg.data.val_size,
                        crop_pct=cfg.data.val_crop_ratio, label_names=meta.get("classes"),
                        extra={"checkpoint": str(path), "config": cfg.to_dict()})

@@ -16,13 +16,20 @@ from pathlib import Path
 import torch
 from timm.models import save_for_hf
 
+from atscale.layers.mixture_bn import MixtureBatchNorm2d, collapse_mixture_bn, mixture_domains
 from atscale.models.normalize import NormalizedModel
 
 
 def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input_size: int, crop_pct: float = 0.875,
-                interpolation: str = "bicubic", label_names: list[str] | None = None, extra: dict | None = None) -> Path:
+                interpolation: str = "bicubic", label_names: list[str] | None = None, extra: dict | None = None,
+                bn_domain: str | None = None) -> Path:
+    """Mixture BN models keep one domain as plain BN (``bn_domain``, else each layer's default; Xie thesis Sec 6.4.2,
+    AdvProp drops the auxiliary BNs), so plain timm loads the folder."""
     out_dir = Path(out_dir)
     net = copy.deepcopy(model.net).to("cpu", memory_format=torch.contiguous_format).eval()
+    domains = mixture_domains(net)
+    if domains:
+        collapse_mixture_bn(net, bn_domain or next(m.default for m in net.modules() if isinstance(m, MixtureBatchNorm2d)))
     data_config = {"input_size": (3, input_size, input_size), "mean": tuple(mean), "std": tuple(std),
                    "crop_pct": crop_pct, "interpolation": interpolation}
     # the architecture's default pretrained_cfg describes timm's ImageNet weights, not these: replace its provenance

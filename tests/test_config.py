@@ -29,7 +29,7 @@ def test_resolved_config_round_trips_through_yaml() -> None:
     (["attack.iters=three"], r"'attack.iters' = 'three' is invalid: expected int"),
     (["attack.iters=2.5"], r"'attack.iters' = 2.5 is invalid: expected int"),
     (["attack.targeted=maybe"], r"'attack.targeted' = 'maybe' is invalid: expected bool"),
-    (["objective.name=trades2"], r"'objective.name' = 'trades2' is invalid: expected one of 'madry', 'mixed', 'clean'"),
+    (["objective.name=trades2"], r"'objective.name' = 'trades2' is invalid: expected one of 'madry', 'mixed', 'mbn', 'advprop', 'clean'"),
     (["schedule.name=linear"], r"expected one of 'step', 'cosine', 'constant'"),
     (["eval.steps=10"], r"'eval.steps' = 10 is invalid: expected a list of int"),
     (["attack.eps=300"], r"'attack.eps' = 300.0 is out of range: expected a budget in 0..255 pixel units"),

@@ -1,0 +1,54 @@
+"""Mixture BN training on digits (Xie thesis Sec 6.4.2): separate clean / adv BNs, evaluation per domain, export of
+one domain to plain timm, and the configuration errors of the BN-splitting objectives."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from atscale.config import ConfigError, load_config
+from atscale.evaluate import eval_checkpoint, export_checkpoint, model_from_checkpoint
+from atscale.train import main
+from conftest import tiny_overrides
+
+
+def test_mbn_domains_show_the_papers_pattern_and_export(digits_root: Path, tmp_path: Path) -> None:
+    """MBN_clean is the better clean classifier, MBN_adv the more robust one (Sec 6.4.2, Table 6.2's pattern)."""
+    over = tiny_overrides(digits_root, tmp_path, "mbn", **{
+        "objective.name": "mbn", "model.bn_domains": ["clean", "adv"], "model.eval_domain": "adv",
+        "schedule.epochs": 3, "eval.steps": [5], "eval.max_images": 359})
+    main(load_config(None, over))
+    ckpt = tmp_path / "mbn" / "checkpoints" / "last.pt"
+    res = {d: eval_checkpoint(ckpt, bn_domain=d, progress=False, out=tmp_path / d) for d in ("clean", "adv")}
+    assert res["clean"]["clean"]["acc"] > res["adv"]["clean"]["acc"]
+    assert res["adv"]["pgd5"]["acc"] > res["clean"]["pgd5"]["acc"]
+
+    model, _, _ = model_from_checkpoint(ckpt, torch.device("cpu"), bn_domain="clean")
+    folder = export_checkpoint(ckpt, tmp_path / "export_clean", bn_domain="clean")
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert not any("bns." in k for k in plain.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain((x - 0.5) / 0.5), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["mbn", "advprop"])
+def test_split_bn_objectives_need_a_bn_model_with_both_domains(objective: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.bn_domains"):
+        load_config(None, [f"objective.name={objective}"])
+    with pytest.raises(ConfigError, match="model.bn_domains"):
+        load_config(None, [f"objective.name={objective}", "model.bn_domains=[clean, aug]"])
+    with pytest.raises(ConfigError, match="eval_domain"):
+        load_config(None, ["model.bn_domains=[clean, adv]", "model.eval_domain=aux"])
+    cfg = load_config(None, [f"objective.name={objective}", "model.bn_domains=[clean, adv]"])
+    assert cfg.model.bn_domains == ["clean", "adv"]
+
+
+def test_bn_domains_on_a_groupnorm_model_is_an_error(digits_root: Path, tmp_path: Path) -> None:
+    over = tiny_overrides(digits_root, tmp_path, "gn", **{
+        "model.kwargs": {"channels": [32, 64, 128, 256], "norm_layer": "groupnorm"},
+        "model.bn_domains": ["clean", "adv"], "objective.name": "mbn", "run.max_steps": 1})
+    with pytest.raises(Exception, match="no BatchNorm layers"):
+        main(load_config(None, over))
