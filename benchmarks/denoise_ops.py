@@ -36,6 +36,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from atscale.layers.denoise import DenoiseBlock
+from train_step import device_info, sync  # benchmarks/ shares the device record
 
 STAGES = {"res2": (256, 56), "res3": (512, 28), "res4": (1024, 14), "res5": (2048, 7)}
 OPS = {"gaussian": {"op": "gaussian"}, "gaussian+subsample": {"op": "gaussian", "subsample": True},
@@ -69,32 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    return info
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def n_params(m: nn.Module) -> int:
