@@ -36,6 +36,7 @@ class DataCfg:
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
     num_workers: int = 2
+    autoaugment: Literal["none", "imagenet", "cifar10", "svhn"] = "none"  # policy on training batches (EfficientNet)
     max_resolution: int = 0  # when building: longest side cap, 0 = keep
     jpeg_quality: int = 90  # when building imagefolder / cifar10
     digits_size: int = 32  # when building digits: upsampled side
@@ -54,6 +55,7 @@ class ModelCfg:
     channels_last: bool = True
     bn_domains: list[str] = field(default_factory=list)  # Mixture BN (Sec 6.4.2): one BN per domain, e.g. [clean, adv]
     eval_domain: str = ""  # the BN domain used for evaluation and kept by export ("" = the first of bn_domains)
+    bn_momentum: float = 0.0  # torch convention (TF decay 0.99 = 0.01); 0 = the architecture's default
 
 
 @dataclass
@@ -73,35 +75,42 @@ class AttackCfg:
 class ObjectiveCfg:
     """Training objective (Xie thesis Sec 6.3): madry = 100% adv; mixed = a*J(clean) + (1-a)*J(adv) in shared BNs;
     mbn = the same with separate clean / adv BNs (Sec 6.4.2); advprop = J(clean) + J(adv) with auxiliary adv BNs
-    (Chapter 7). mbn and advprop need model.bn_domains: [clean, adv]."""
+    (Chapter 7); advprop_fg = fine-grained AdvProp with one more auxiliary BN for AutoAugment images (Sec 7.5.4).
+    mbn and advprop need model.bn_domains: [clean, adv]; advprop_fg [clean, aug, adv] and data.autoaugment."""
 
-    name: Literal["madry", "mixed", "mbn", "advprop", "clean"] = "madry"
+    name: Literal["madry", "mixed", "mbn", "advprop", "advprop_fg", "clean"] = "madry"
     clean_weight: float = 0.5
     label_smoothing: float = 0.1
 
 
 @dataclass
 class OptimCfg:
-    """SGD with Nesterov momentum; lr is per 256 images and scaled linearly with the global batch (Goyal et al.)."""
+    """SGD with Nesterov momentum, or TF-style RMSProp (EfficientNet / AdvProp, Xie thesis Sec 7.5.1: decay 0.9,
+    momentum 0.9); lr is per 256 images and scaled linearly with the global batch (Goyal et al.)."""
 
+    name: Literal["sgd", "rmsprop_tf"] = "sgd"
     lr: float = 0.1
     ref_batch: int = 256
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
     decay_norm_and_bias: bool = False
+    rmsprop_decay: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
+    rmsprop_eps: float = 1e-3  # rmsprop_tf: epsilon inside the square root, as TensorFlow's
 
 
 @dataclass
 class ScheduleCfg:
-    """Per-iteration learning-rate schedule: linear warmup then step or cosine decay."""
+    """Per-iteration learning-rate schedule: linear warmup then step, cosine or exponential decay (exponential:
+    x gamma every ``decay_every_epochs``, staircase, as EfficientNet's 0.97 every 2.4 epochs)."""
 
     epochs: int = 110
-    name: Literal["step", "cosine", "constant"] = "step"
+    name: Literal["step", "cosine", "exponential", "constant"] = "step"
     warmup_epochs: float = 5.0
     milestones: list[float] = field(default_factory=lambda: [35.0, 70.0, 95.0])
     gamma: float = 0.1
     min_lr_ratio: float = 0.0
+    decay_every_epochs: float = 2.4
 
 
 @dataclass
@@ -197,6 +206,11 @@ _CHECKS: dict[str, Any] = {
     "objective.label_smoothing": lambda v: 0 <= v < 1,
     "optim.lr": lambda v: v > 0,
     "optim.weight_decay": lambda v: v >= 0,
+    "optim.rmsprop_decay": lambda v: 0 < v < 1,
+    "optim.rmsprop_eps": lambda v: v > 0,
+    "model.bn_momentum": lambda v: 0 <= v <= 1,
+    "schedule.decay_every_epochs": lambda v: v > 0,
+    "schedule.gamma": lambda v: 0 < v <= 1,
     "schedule.epochs": lambda v: v >= 1,
     "schedule.warmup_epochs": lambda v: v >= 0,
     "eval.eps": lambda v: 0 <= v <= 255,
@@ -302,11 +316,17 @@ def _validate(cfg: Config) -> None:
     if cfg.model.eval_domain and cfg.model.eval_domain not in doms:
         raise ConfigError(f"config key 'model.eval_domain' = {cfg.model.eval_domain!r} is not one of model.bn_domains "
                           f"{doms}; set model.bn_domains (e.g. [clean, adv]) or leave eval_domain empty")
-    if cfg.objective.name in ("mbn", "advprop") and not {"clean", "adv"} <= set(doms):
-        raise ConfigError(f"objective.name = {cfg.objective.name!r} trains separate BNs for clean and adversarial "
-                          f"images, so it needs a BN model with model.bn_domains: [clean, adv] (got {doms or 'none'})")
-    if cfg.objective.name in ("mbn", "advprop") and cfg.attack.name == "none":
+    from atscale.objectives import SPLIT_BN_OBJECTIVES
+
+    need = SPLIT_BN_OBJECTIVES.get(cfg.objective.name)
+    if need and not set(need) <= set(doms):
+        raise ConfigError(f"objective.name = {cfg.objective.name!r} trains separate BNs per image source, so it needs "
+                          f"a BN model with model.bn_domains: [{', '.join(need)}] (got {doms or 'none'})")
+    if need and cfg.attack.name == "none":
         raise ConfigError(f"objective.name = {cfg.objective.name!r} needs an attack; set attack.name to pgd or fgsm")
+    if cfg.objective.name == "advprop_fg" and cfg.data.autoaugment == "none":
+        raise ConfigError("objective.name = 'advprop_fg' keeps a BN domain for AutoAugment images, so it needs "
+                          "data.autoaugment (e.g. imagenet)")
     if cfg.attack.name != "none" and cfg.attack.step > 255:
         raise ConfigError(f"config key 'attack.step' = {cfg.attack.step} is out of range: expected 0..255 pixel units")
 
@@ -329,8 +349,9 @@ def from_dict(values: dict[str, Any] | None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, validated before anything runs."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), twin: str | None = None) -> Config:
+    """Defaults <- YAML file [-> its small-scale twin, ``atscale.presets.TWINS``] <- dotted overrides, validated
+    before anything runs."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -343,6 +364,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections (data, model, attack, ...)")
         values = loaded or {}
+    if twin:
+        from atscale.presets import make_twin
+
+        values = make_twin(from_dict(values), twin).to_dict()
     for ov in overrides:
         parts, v = parse_override(ov)
         node = values

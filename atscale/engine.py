@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from atscale import distributed as dist
 from atscale.attacks.pgd import PGD
-from atscale.layers.context import domain
+from atscale.layers.context import evaluation
 
 
 @dataclass
@@ -42,13 +42,15 @@ def _bar(iterable: Iterable, total: int, desc: str, enabled: bool, initial: int 
 
 def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int], float], first_step: int,
                     skip_batches: int = 0, amp_dtype: torch.dtype | None = None,
+                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     after_step: Callable[[int, dict], bool] | None = None, progress: bool = True,
                     desc: str = "train") -> dict:
     """Run the rest of one epoch from (micro-)batch ``skip_batches``; ``after_step(step, metrics)`` returning True stops.
 
     ``updater`` (atscale.updater: DDP or DeepSpeed) holds the model and optimizer. Per micro-batch:
-    x_adv = attack(updater.model, x, y) on the unwrapped module (eval-mode BN, no parameter grads, so no gradient
-    synchronization fires), then the objective through ``updater.module`` and ``updater.backward``; every
+    x = augment(x) when given (AutoAugment), then ``objective.make_adv`` (the attack on the unwrapped module: eval-mode
+    BN, no parameter grads, so no gradient synchronization fires), then the objective through ``updater.module`` and
+    ``updater.backward``; every
     ``updater.accum`` micro-batches make one optimizer step with one gradient all-reduce.
     """
     module, accum = updater.module, updater.accum
@@ -67,11 +69,9 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
             break
         last_micro = (i + 1) % accum == 0
         lr = lr_at(step)
-        if objective.needs_attack:
-            with domain(objective.attack_domain):
-                x_adv = attack(updater.model, x, y)
-        else:
-            x_adv = x
+        if augment is not None:
+            x = augment(x)
+        x_adv = objective.make_adv(updater.model, attack, x, y) if objective.needs_attack else x
         with updater.micro_batch(last_micro):
             with autocast(device, amp_dtype):
                 out = objective(module, x, x_adv, y)
@@ -96,9 +96,16 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
     return avg
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None = None, *, amp_dtype: torch.dtype | None = None,
              max_images: int = 0, progress: bool = True, desc: str = "eval") -> dict[str, dict]:
+    """Clean accuracy and per-attack accuracy over the loader, inside ``atscale.layers.context.evaluation()``."""
+    with evaluation(), torch.no_grad():
+        return _evaluate(model, loader, attacks, amp_dtype=amp_dtype, max_images=max_images, progress=progress,
+                         desc=desc)
+
+
+def _evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None, *, amp_dtype: torch.dtype | None,
+              max_images: int, progress: bool, desc: str) -> dict[str, dict]:
     """Clean accuracy and, per attack, accuracy and attack success rate over the loader (each image once).
 
     Distributed: each rank holds the strided shard ``rank::world`` of the val set and counts are summed over ranks, so

@@ -1,6 +1,12 @@
 """Training objectives, one class per strategy (Xie thesis, Intriguing Properties of Adversarial Training, Sec 6.3).
 
-Each objective maps (model, clean batch, adversarial batch, labels) to a loss and the logits to score.
+Each objective has two parts that the engine calls per micro-batch:
+
+- ``make_adv(model, attack, x, y)``: the inputs the loss needs beyond the clean batch, made with the unwrapped
+  model (frozen parameters, eval-mode BN; ``atscale.attacks.base.attack_mode``). The default runs the training attack
+  through the objective's ``attack_domain``.
+- ``__call__(module, x, x_adv, y) -> StepOutput``: the loss through the (DDP / DeepSpeed) training module, whose
+  backward the engine runs.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atscale.layers.context import domain_split
+from atscale.layers.context import domain, domain_split
 
 
 @dataclass
@@ -20,11 +26,23 @@ class StepOutput:
     clean_logits: torch.Tensor | None = None
 
 
-class Madry:
-    """100% adversarial: minimise J(adv) only (Madry et al. 2018; the IAT recipe)."""
+class Objective:
+    """Base: ``needs_attack`` (False: the engine skips ``make_adv``), ``attack_domain`` (the BN domain the attack
+    runs through; None = the model's default)."""
 
     needs_attack = True
-    attack_domain: str | None = None  # BN domain the attack runs through (None: the model's default)
+    attack_domain: str | None = None
+
+    def make_adv(self, model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor):
+        with domain(self.attack_domain):
+            return attack(model, x, y)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv, y: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+
+class Madry(Objective):
+    """100% adversarial: minimise J(adv) only (Madry et al. 2018; the IAT recipe)."""
 
     def __init__(self, label_smoothing: float = 0.0):
         self.ls = label_smoothing
@@ -34,11 +52,10 @@ class Madry:
         return StepOutput(F.cross_entropy(logits.float(), y, label_smoothing=self.ls), logits)
 
 
-class Clean:
+class Clean(Objective):
     """Standard training on clean images: the baseline adversarial training is compared against."""
 
     needs_attack = False
-    attack_domain: str | None = None
 
     def __init__(self, label_smoothing: float = 0.0):
         self.ls = label_smoothing
@@ -48,11 +65,8 @@ class Clean:
         return StepOutput(F.cross_entropy(logits.float(), y, label_smoothing=self.ls), logits, logits)
 
 
-class Mixed:
+class Mixed(Objective):
     """100% adv + 100% clean in one batch: a J(clean) + (1 - a) J(adv) (Goodfellow et al.; Sec 6.3, a = 0.5)."""
-
-    needs_attack = True
-    attack_domain: str | None = None
 
     def __init__(self, clean_weight: float = 0.5, label_smoothing: float = 0.0):
         self.a, self.ls = clean_weight, label_smoothing
@@ -65,7 +79,7 @@ class Mixed:
         return StepOutput(loss, adv, clean)
 
 
-class SplitBN:
+class SplitBN(Objective):
     """Clean images through the clean BN domain and adversarial images through the adversarial (auxiliary) one, all
     other layers shared, in one forward pass over the concatenated batch; loss w_c J(clean) + w_a J(adv).
 
@@ -76,7 +90,6 @@ class SplitBN:
     The attack itself runs through the adversarial domain (``attack_domain``).
     """
 
-    needs_attack = True
     attack_domain = "adv"
 
     def __init__(self, clean_weight: float, adv_weight: float, label_smoothing: float = 0.0):
@@ -92,10 +105,46 @@ class SplitBN:
         return StepOutput(loss, adv, clean)
 
 
-SPLIT_BN_OBJECTIVES = ("mbn", "advprop")  # need model.bn_domains with 'clean' and 'adv'
+class FineGrainedAdvProp(Objective):
+    """Fine-grained AdvProp (Xie thesis Sec 7.5.4, Table 7.5): one main BN for clean images without AutoAugment and two
+    auxiliary BNs, one for the AutoAugment images and one for adversarial examples; loss L_clean + L_aug + L_adv.
+
+    The adversarial examples are crafted from the AutoAugment images (the thesis trains every network with AutoAugment
+    by default, so those are its training images), through the ``adv`` BNs. ``augment`` maps a float [0, 1] batch to
+    its AutoAugment version (``atscale.data.augment.AutoAugmentBatch``).
+    """
+
+    attack_domain = "adv"
+    domains = ("clean", "aug", "adv")
+
+    def __init__(self, augment, label_smoothing: float = 0.0):
+        self.augment, self.ls = augment, label_smoothing
+
+    def make_adv(self, model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor):
+        x_aug = self.augment(x)
+        with domain(self.attack_domain):
+            return x_aug, attack(model, x_aug, y)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv, y: torch.Tensor) -> StepOutput:
+        x_aug, x_adv = x_adv
+        n = x.shape[0]
+        with domain_split(("clean", n), ("aug", n), ("adv", n)):
+            logits = model(torch.cat([x, x_aug, x_adv]))
+        clean, aug, adv = logits.float().split(n)
+        loss = sum(F.cross_entropy(z, y, label_smoothing=self.ls) for z in (clean, aug, adv))
+        return StepOutput(loss, adv, clean)
 
 
-def build_objective(cfg):
+SPLIT_BN_OBJECTIVES = {"mbn": ("clean", "adv"), "advprop": ("clean", "adv"),
+                       "advprop_fg": FineGrainedAdvProp.domains}  # the model.bn_domains each one needs
+
+
+def build_objective(cfg, augment=None):
+    """The objective of ``objective.*``; ``augment`` is the AutoAugment batch transform (fine-grained AdvProp)."""
+    if cfg.name == "advprop_fg":
+        if augment is None:
+            raise ValueError("objective advprop_fg needs the AutoAugment transform (data.autoaugment)")
+        return FineGrainedAdvProp(augment, cfg.label_smoothing)
     if cfg.name == "madry":
         return Madry(cfg.label_smoothing)
     if cfg.name == "mixed":

@@ -19,6 +19,7 @@ from atscale.attacks import PGD, build_attack
 from atscale.checkpoint import CheckpointDir, CheckpointError, load_checkpoint
 from atscale.config import Config, load_config, save_config
 from atscale.data import ensure_dataset, make_loader
+from atscale.data.augment import AutoAugmentBatch
 from atscale.engine import evaluate, train_one_epoch
 from atscale.export import export_timm
 from atscale.models import build_from_config
@@ -110,7 +111,10 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     updater = build_updater(cfg.dist, model, optimizer, device, amp_dtype, cfg.data.batch_size)
     model = updater.model
     attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed + 1009 * rank)
-    objective = build_objective(cfg.objective)
+    augment = AutoAugmentBatch(cfg.data.autoaugment, cfg.run.seed + 7919 * rank) \
+        if cfg.data.autoaugment != "none" else None
+    objective = build_objective(cfg.objective, augment)
+    loop_augment = None if cfg.objective.name == "advprop_fg" else augment  # fine-grained: the objective applies it
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.run.keep_last)
 
     epoch, batch, step = 0, 0, 0
@@ -120,6 +124,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         _load_model_state(model, state["model"], str(resume_from), cfg)
         updater.load_state(state, resume_from.parent)
         attack.load_state_dict(state.get("attack", {}))
+        if augment is not None:
+            augment.load_state_dict(state.get("augment", {}))
         torch.set_rng_state(state["torch_rng"])
         if state.get("world_size", world) != world or state.get("grad_accum", accum) != accum:
             print(f"note: checkpoint was written with world size {state.get('world_size')} x grad_accum "
@@ -143,7 +149,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         state = updater.save_state(ckpts.root, ckpts.step_name(at_step), main_rank)
         if not main_rank:
             return
-        state.update({"attack": attack.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": at_epoch,
+        state.update({"attack": attack.state_dict(), "augment": augment.state_dict() if augment else {},
+                      "torch_rng": torch.get_rng_state(), "epoch": at_epoch,
                       "batch": at_batch, "step": at_step, "config": cfg.to_yaml(), "meta": json.dumps(meta),
                       "world_size": world, "grad_accum": accum, "engine": updater.engine})
         ckpts.save(state, at_step)
@@ -171,7 +178,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
 
         res = train_one_epoch(updater, train_loader, attack, objective,
                               lr_at=lambda s: set_lr(updater.optimizer, peak_lr, lr_factor(s, spe, cfg.schedule)),
-                              first_step=step, skip_batches=batch, amp_dtype=amp_dtype, after_step=after_step,
+                              first_step=step, skip_batches=batch, amp_dtype=amp_dtype, augment=loop_augment,
+                              after_step=after_step,
                               progress=progress, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         step += res.pop("steps")
         stopped = res.pop("stopped")
@@ -225,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(prog="atscale train", description="Adversarial training with PGD in the loop.")
     p.add_argument("--config", help="YAML config (e.g. configs/demo.yaml)")
     p.add_argument("--resume", help="'auto' (last checkpoint of this run, if any) or a checkpoint path")
+    p.add_argument("--twin", choices=["digits"], help="run the preset's small-scale twin (atscale.presets): same "
+                   "protocol on the embedded digits data with a narrow network, minutes on a CPU")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. attack.eps=8 optim.lr=0.2")
     return p.parse_known_args(argv)
 
@@ -237,7 +247,7 @@ def cli(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + extra
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
-    main(load_config(args.config, overrides))
+    main(load_config(args.config, overrides, twin=args.twin))
     return 0
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from atscale.attacks.pgd import PGD
 from atscale.layers.activations import (ACTIVATIONS, ReLUSoftplusGrad, SmoothReLU, convert_activations,
                                         get_act_layer, relu_psoftplus_grad, smooth_relu)
-from atscale.layers.context import attack_pass, in_attack
+from atscale.layers.context import attack_pass, evaluation, in_attack
 
 D = torch.float64
 GRID = torch.cat([torch.linspace(-6, 6, 241, dtype=D), torch.tensor([-1e-4, 0.0, 1e-4, 25.0, -25.0], dtype=D)])
@@ -200,6 +200,21 @@ def test_pgd_uses_softplus_gradient_only_when_selected(mode):
     model.zero_grad()
     F.cross_entropy(model(x_adv), y).backward()
     assert (model.fc1.weight.grad.abs().sum() > 0) == (mode != "attack")
+
+
+@pytest.mark.parametrize("eval_soft", [False, True])
+def test_evaluation_attacks_use_relu_gradient_unless_asked(eval_soft):
+    """Table 5.1 is evaluated on the ReLU network: inside evaluation() every mode attacks with ReLU's gradient (here 0,
+    so PGD cannot move), or with the Softplus gradient when eval_soft (the stronger evaluator of Sec 5.3.2)."""
+    x = torch.rand(4, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0])
+    for mode in ("attack", "both"):
+        model = _Probe(ReLUSoftplusGrad(grad_mode=mode, eval_soft=eval_soft))
+        pgd = PGD(eps=8 / 255, step=8 / 255, iters=1, clean_start_prob=1.0)
+        with evaluation():
+            x_adv = pgd(model, x, y)
+        assert torch.equal(x_adv, x) != eval_soft
+        assert not torch.equal(pgd(model, x, y), x)  # the same attack in training moves
 
 
 # --- timm models ---

@@ -52,3 +52,42 @@ def test_bn_domains_on_a_groupnorm_model_is_an_error(digits_root: Path, tmp_path
         "model.bn_domains": ["clean", "adv"], "objective.name": "mbn", "run.max_steps": 1})
     with pytest.raises(Exception, match="no BatchNorm layers"):
         main(load_config(None, over))
+
+
+def test_fine_grained_advprop_routes_clean_autoaugment_and_adversarial_to_their_bns() -> None:
+    """Sec 7.5.4: main BNs see only clean images without AutoAugment, one auxiliary BN set only the AutoAugment images,
+    the other only the adversarial examples crafted from them (through the adversarial BNs)."""
+    from atscale.attacks import PGD
+    from atscale.data.augment import AutoAugmentBatch
+    from atscale.layers.context import bn_domain
+    from atscale.layers.mixture_bn import MixtureBatchNorm2d
+    from atscale.models import create_model
+    from atscale.objectives import FineGrainedAdvProp
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, [0.5] * 3, [0.5] * 3, {"channels": [8, 16, 32, 64]},
+                         bn_domains=("clean", "aug", "adv"), eval_domain="clean")
+    ref = {d: create_model("resnet18", 10, [0.5] * 3, [0.5] * 3, {"channels": [8, 16, 32, 64]}) for d in
+           ("clean", "aug", "adv")}
+    for r in ref.values():
+        r.load_state_dict({k.replace("bns.clean.", ""): v for k, v in model.state_dict().items()
+                           if "bns." not in k or "bns.clean." in k})
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    obj = FineGrainedAdvProp(AutoAugmentBatch("imagenet", seed=1))
+    pgd = PGD(8 / 255, 2 / 255, 2, seed=0)
+    calls = []
+    hook = model.net.bn1.register_forward_pre_hook(lambda m, a: calls.append(bn_domain()))
+    model.train()
+    x_aug, x_adv = obj.make_adv(model, pgd, x, y)
+    hook.remove()
+    assert calls and set(calls) == {"adv"}  # the attack runs through the adversarial BNs
+    assert not torch.equal(x_aug, x) and (x_adv - x_aug).abs().max() <= 8 / 255 + 1e-6
+    out = obj(model, x, (x_aug, x_adv), y)
+    expect = sum(torch.nn.functional.cross_entropy(ref[d](b), y) for d, b in
+                 (("clean", x), ("aug", x_aug), ("adv", x_adv)))
+    torch.testing.assert_close(out.loss, expect, rtol=1e-4, atol=1e-5)
+    for name, m in model.named_modules():
+        if isinstance(m, MixtureBatchNorm2d):
+            for d in ("clean", "aug", "adv"):
+                torch.testing.assert_close(m.bns[d].running_mean, dict(ref[d].named_modules())[name].running_mean)
+            assert not torch.allclose(m.bns["aug"].running_mean, m.bns["adv"].running_mean)

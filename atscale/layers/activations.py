@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from atscale.layers.context import in_attack
+from atscale.layers.context import in_attack, in_evaluation
 
 GRAD_MODES = ("attack", "train", "both")
 
@@ -203,12 +203,15 @@ class ReLUSoftplusGrad(nn.Module):
 
     ``grad_mode`` picks the passes whose backward uses ``sigmoid(a x)``: "attack" (the attacker's passes only, inner
     maximization), "train" (the optimizer's passes only, outer minimization) or "both"; all other passes get ReLU's
-    gradient. The pass is read from ``atscale.layers.context.in_attack()`` here, in forward, and stored in the autograd
-    context: backward may run on another thread (GPU autograd), where context variables are not propagated.
+    gradient. Evaluation attacks (``atscale.layers.context.in_evaluation()``) get ReLU's gradient, as the model's
+    inference is exactly ReLU (the thesis evaluates Table 5.1 with PGD-200 on the ReLU network and reports the stronger
+    Softplus-gradient evaluation attacker separately); ``eval_soft=True`` gives them the Softplus gradient instead.
+    The pass is read from ``atscale.layers.context`` here, in forward, and stored in the autograd context: backward
+    may run on another thread (GPU autograd), where context variables are not propagated.
     Activation checkpointing would recompute forward outside the pass's context; do not combine the two.
     """
 
-    def __init__(self, alpha: float = 10.0, grad_mode: str = "both", inplace: bool = False):
+    def __init__(self, alpha: float = 10.0, grad_mode: str = "both", eval_soft: bool = False, inplace: bool = False):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {list(GRAD_MODES)}, got '{grad_mode}'")
@@ -216,9 +219,12 @@ class ReLUSoftplusGrad(nn.Module):
             raise ValueError(f"parametric Softplus needs alpha > 0, got {alpha}")
         self.alpha = float(alpha)
         self.grad_mode = grad_mode
+        self.eval_soft = bool(eval_soft)
 
     def soft_now(self) -> bool:
         """Whether a backward through a forward run now would use the Softplus gradient."""
+        if in_evaluation():
+            return self.eval_soft
         if self.grad_mode == "both":
             return True
         return in_attack() == (self.grad_mode == "attack")
@@ -227,7 +233,7 @@ class ReLUSoftplusGrad(nn.Module):
         return relu_psoftplus_grad(x, self.alpha, self.soft_now())
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, grad_mode={self.grad_mode}"
+        return f"alpha={self.alpha}, grad_mode={self.grad_mode}, eval_soft={self.eval_soft}"
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

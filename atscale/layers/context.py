@@ -2,7 +2,8 @@
 
 Layers whose behaviour depends on the pass read it from here, so no model code needs extra arguments:
 - the Table 5.1 ablation of Smooth Adversarial Training (Xie thesis Sec 5.3) switches an activation's backward pass for
-  the attacker only, the optimizer only, or both (``in_attack()``);
+  the attacker only, the optimizer only, or both (``in_attack()``), and keeps the model's own (ReLU) gradient for
+  evaluation attacks (``in_evaluation()``: ``atscale.engine.evaluate`` and the evaluation suite enter it);
 - Mixture BN / auxiliary BN (Sec 6.4.2, Chapter 7) picks a BN domain per forward pass (``bn_domain()``).
 Attacks enter ``attack_pass()`` (``atscale.attacks.base.attack_mode`` does) and the objective's attack domain;
 objectives enter ``domain(name)`` or ``domain_split(...)`` for a concatenated clean + adversarial batch.
@@ -15,6 +16,7 @@ from typing import Iterator
 
 _ATTACK: ContextVar[bool] = ContextVar("atscale_attack_pass", default=False)
 _DOMAIN: ContextVar[str | None] = ContextVar("atscale_bn_domain", default=None)
+_EVAL: ContextVar[bool] = ContextVar("atscale_evaluation", default=False)
 _SPLIT: ContextVar[tuple[tuple[str, int], ...] | None] = ContextVar("atscale_bn_split", default=None)
 
 
@@ -30,6 +32,20 @@ def attack_pass() -> Iterator[None]:
 
 def in_attack() -> bool:
     return _ATTACK.get()
+
+
+@contextlib.contextmanager
+def evaluation() -> Iterator[None]:
+    """Mark everything inside (clean passes and evaluation attacks) as evaluation of a trained model."""
+    token = _EVAL.set(True)
+    try:
+        yield
+    finally:
+        _EVAL.reset(token)
+
+
+def in_evaluation() -> bool:
+    return _EVAL.get()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ Names (all are timm ``ResNet``s, built by ``AtscaleResNet``):
   the dot-product non-local mean without embedding and without subsampling, as in the authors' released
   ``ResNeXtDenoiseAll`` model; ``denoise_op='gaussian', denoise_subsample=True`` gives the R-152 recipe instead).
 - Smooth activations (Xie thesis Chapter 5): ``resnet50_{softplus,psoftplus,silu,gelu,elu,celu,smoothrelu}``
-  (Sec 5.3.2, 5.4.1-5.4.3); the scaled SAT networks of Sec 5.5.1 Table 5.3 with SiLU: ``resnet101_silu``,
+  (Sec 5.3.2, 5.4.1-5.4.3); ``resnet50_relu_softgrad`` (ReLU forward, parametric-Softplus backward for the
+  attacker, the optimizer or both: the Table 5.1 ablation, Sec 5.3.2); the scaled SAT networks of Sec 5.5.1 Table 5.3 with SiLU: ``resnet101_silu``,
   ``resnet152_silu``, ``resnext50_32x4d_silu``, ``resnext50_32x8d_silu``, ``resnext152_32x8d_silu``; and the ReLU
   ``resnext50_32x8d``, ``resnext152_32x8d`` that timm lacks (standard adversarial training baselines of Sec 5.5.1).
 - Deep ResNets (Xie thesis Sec 6.5): ``resnet338``, ``resnet638`` (``resnet200`` is timm's own). The thesis gives only
@@ -210,6 +211,9 @@ _SPECS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "resnet50_celu": (_resnet(R50, act="celu"), _cfg(SAT_PAPER), "ResNet-50 with CELU (Xie thesis Sec 5.4.3)."),
     "resnet50_smoothrelu": (_resnet(R50, act="smoothrelu"), _cfg(SAT_PAPER),
                             "ResNet-50 with SmoothReLU, learnable a per layer (Xie thesis Sec 5.4.2)."),
+    "resnet50_relu_softgrad": (_resnet(R50, act="relu_psoftplus_grad"), _cfg(SAT_PAPER),
+                               "ResNet-50 with ReLU forward and parametric-Softplus (a = 10) backward, the Table 5.1 "
+                               "ablation (Xie thesis Sec 5.3.2); act_kwargs={'grad_mode': 'attack'|'train'|'both'}."),
     "resnet101_silu": (_resnet(R101, act="silu"), _cfg(SAT_PAPER),
                        "ResNet-101 with SiLU, 2x deeper SAT (Xie thesis Sec 5.5.1, Table 5.3)."),
     "resnet152_silu": (_resnet(R152, act="silu"), _cfg(SAT_PAPER),

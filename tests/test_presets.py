@@ -1,0 +1,122 @@
+"""Every published-protocol preset in configs/imagenet/ loads, validates, and its digits twin trains one real step with
+the preset's elements in place (denoising blocks, activations, BN domains, GroupNorm, AutoAugment, RMSProp)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from atscale.config import ConfigError, load_config
+from atscale.data.augment import AutoAugmentBatch
+from atscale.evaluate import model_from_checkpoint
+from atscale.layers.activations import ACTIVATIONS
+from atscale.layers.denoise import DenoiseBlock
+from atscale.layers.mixture_bn import MixtureBatchNorm2d
+from atscale.models.registry import ATSCALE_MODELS, base_model_args
+from atscale.optim import lr_factor
+from atscale.presets import digits_twin
+from atscale.train import main
+
+PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "imagenet").glob("*.yaml"))
+
+
+def test_there_is_a_preset_per_paper_protocol() -> None:
+    names = {p.stem for p in PRESETS}
+    for needed in ("r152_iat", "r152_iat_denoise", "r152_mixed", "r152_mbn", "r152_gn_mixed", "r50_sat_relu",
+                   "r50_sat_silu", "r50_sat_smoothrelu", "r50_sat_relu_softgrad_both", "advprop_efficientnet_b0",
+                   "advprop_efficientnet_b7", "advprop_fg_efficientnet_b0", "advprop_resnet50"):
+        assert needed in names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digits_root: Path, tmp_path: Path) -> None:
+    full = load_config(preset)
+    over = [f"data.root={digits_root}", f"run.out_dir={tmp_path}", "run.max_steps=1", "data.batch_size=16",
+            "log.progress=false", "log.tensorboard=false", "eval.every_epochs=0", "log.every_steps=1"]
+    cfg = load_config(preset, over, twin="digits")
+    assert cfg.data.source == "digits" and cfg.data.image_size == 32
+    for sec in ("attack", "objective", "optim"):
+        assert getattr(cfg, sec) == getattr(full, sec), sec
+    assert (cfg.model.bn_domains, cfg.model.eval_domain, cfg.data.autoaugment) == \
+        (full.model.bn_domains, full.model.eval_domain, full.data.autoaugment)
+    assert cfg.schedule.name == full.schedule.name and cfg.schedule.epochs < full.schedule.epochs
+
+    res = main(cfg)
+    assert res["stopped"] and res["reason"] == "max_steps" and res["step"] == 1
+    rows = [json.loads(line) for line in (cfg.run_dir / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 1 and math.isfinite(train[0]["loss"])
+
+    model, saved, _ = model_from_checkpoint(cfg.run_dir / "checkpoints" / "last.pt", torch.device("cpu"))
+    mods = list(model.modules())
+    arch = full.model.arch
+    if "denoise" in arch:
+        assert any(isinstance(m, DenoiseBlock) for m in mods)
+    act = full.model.kwargs.get("act") or (base_model_args(arch).get("act") if arch in ATSCALE_MODELS else None)
+    if act:
+        acts = [m for m in mods if isinstance(m, ACTIVATIONS[act])]
+        assert acts and not any(type(m) is nn.ReLU for m in mods)
+        mode = full.model.kwargs.get("act_kwargs", {}).get("grad_mode")
+        assert mode is None or all(m.grad_mode == mode for m in acts)
+    if full.model.bn_domains:
+        mbn = [m for m in mods if isinstance(m, MixtureBatchNorm2d)]
+        assert mbn and all(m.domains == tuple(full.model.bn_domains) for m in mbn)
+        assert all(m.default == (full.model.eval_domain or full.model.bn_domains[0]) for m in mbn)
+    if "groupnorm" in str(full.model.kwargs.get("norm_layer", "")):
+        assert any(isinstance(m, nn.GroupNorm) for m in mods)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods)
+    if full.model.bn_momentum:
+        bns = [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(m.momentum == full.model.bn_momentum for m in bns)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_twin_cli_flag_and_unknown_twin(tmp_path: Path) -> None:
+    preset = PRESETS[0]
+    with pytest.raises(ConfigError, match="--twin 'cifar' is unknown"):
+        load_config(preset, twin="cifar")
+    twin = digits_twin(load_config(preset))
+    assert twin.run.name.endswith("_digits") and twin.data.root == "data/digits"
+
+
+def test_fine_grained_advprop_needs_autoaugment_and_three_domains() -> None:
+    base = ["objective.name=advprop_fg", "model.bn_domains=[clean, aug, adv]"]
+    with pytest.raises(ConfigError, match="needs data.autoaugment"):
+        load_config(None, base)
+    with pytest.raises(ConfigError, match=r"model.bn_domains: \[clean, aug, adv\]"):
+        load_config(None, ["objective.name=advprop_fg", "model.bn_domains=[clean, adv]", "data.autoaugment=imagenet"])
+    assert load_config(None, base + ["data.autoaugment=imagenet"]).objective.name == "advprop_fg"
+
+
+def test_autoaugment_batch_is_per_image_reproducible_and_resumable() -> None:
+    x = torch.rand(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    a, b = AutoAugmentBatch("imagenet", seed=3), AutoAugmentBatch("imagenet", seed=3)
+    y1, y2 = a(x), b(x)
+    assert torch.equal(y1, y2) and y1.shape == x.shape and y1.is_contiguous(memory_format=torch.channels_last)
+    assert 0 <= y1.min() and y1.max() <= 1
+    q = (x * 255).round() / 255
+    changed = [(not torch.allclose(y1[i], q[i], atol=1 / 255 + 1e-6)) for i in range(6)]
+    assert sum(changed) >= 3  # sub-policies drawn per image; most images change
+    state = a.state_dict()
+    nxt = a(x)
+    c = AutoAugmentBatch("imagenet", seed=3)
+    c.load_state_dict(state)
+    assert torch.equal(c(x), nxt) and not torch.equal(nxt, y1)
+    with pytest.raises(ValueError, match="policy 'bogus' is unknown"):
+        AutoAugmentBatch("bogus")
+
+
+def test_exponential_schedule_is_efficientnets_staircase() -> None:
+    cfg = load_config(None, ["schedule.name=exponential", "schedule.gamma=0.97", "schedule.decay_every_epochs=2.4",
+                             "schedule.warmup_epochs=0"])
+    spe = 100
+    assert lr_factor(0, spe, cfg.schedule) == 1.0
+    assert lr_factor(239, spe, cfg.schedule) == 1.0
+    assert lr_factor(240, spe, cfg.schedule) == pytest.approx(0.97)
+    assert lr_factor(24000, spe, cfg.schedule) == pytest.approx(0.97 ** 100)
