@@ -37,6 +37,9 @@ class DataCfg:
     flip: bool = True
     num_workers: int = 2
     autoaugment: Literal["none", "imagenet", "cifar10", "svhn"] = "none"  # policy on training batches (EfficientNet)
+    # progressive resizing ("fast" training, Wong et al. 2020): [{until_epoch: 6, image_size: 128, batch_size: 256}, ...]
+    # each phase holds until its until_epoch (exclusive); image_size / batch_size default to the values above
+    phases: list[dict[str, Any]] = field(default_factory=list)
     max_resolution: int = 0  # when building: longest side cap, 0 = keep
     jpeg_quality: int = 90  # when building imagefolder / cifar10
     digits_size: int = 32  # when building digits: upsampled side
@@ -69,6 +72,8 @@ class AttackCfg:
     targeted: bool = True
     clean_start_prob: float = 0.2  # per-example probability of starting from the clean image instead of uniform noise
     start_mode: Literal["per_example", "per_batch"] = "per_example"
+    target_mode: Literal["random", "least_likely"] = "random"  # targeted: uniform wrong class or the clean argmin
+    warmup_epochs: float = 0.0  # eps and step grow linearly from 0 over these first epochs
 
 
 @dataclass
@@ -76,11 +81,20 @@ class ObjectiveCfg:
     """Training objective (Xie thesis Sec 6.3): madry = 100% adv; mixed = a*J(clean) + (1-a)*J(adv) in shared BNs;
     mbn = the same with separate clean / adv BNs (Sec 6.4.2); advprop = J(clean) + J(adv) with auxiliary adv BNs
     (Chapter 7); advprop_fg = fine-grained AdvProp with one more auxiliary BN for AutoAugment images (Sec 7.5.4).
-    mbn and advprop need model.bn_domains: [clean, adv]; advprop_fg [clean, aug, adv] and data.autoaugment."""
+    mbn and advprop need model.bn_domains: [clean, adv]; advprop_fg [clean, aug, adv] and data.autoaugment.
+    Peers: ratio = 100% adv + clean_ratio of the clean images (Sec 6.4.1, Fig 6.1); alp = mixed + alp_weight x logit
+    pairing (Kannan et al.); trades (Zhang et al., trades_beta); mart (Wang et al., mart_lambda); free = minibatch
+    replay free_replays times (Shafahi et al.). "Fast" training is madry with attack.name fgsm (Wong et al.)."""
 
-    name: Literal["madry", "mixed", "mbn", "advprop", "advprop_fg", "clean"] = "madry"
+    name: Literal["madry", "mixed", "mbn", "advprop", "advprop_fg", "clean", "ratio", "alp", "trades", "mart",
+                  "free"] = "madry"
     clean_weight: float = 0.5
     label_smoothing: float = 0.1
+    clean_ratio: float = 1.0
+    alp_weight: float = 0.5
+    trades_beta: float = 6.0
+    mart_lambda: float = 6.0
+    free_replays: int = 4
 
 
 @dataclass
@@ -97,6 +111,7 @@ class OptimCfg:
     decay_norm_and_bias: bool = False
     rmsprop_decay: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
     rmsprop_eps: float = 1e-3  # rmsprop_tf: epsilon inside the square root, as TensorFlow's
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; eval and export use it
 
 
 @dataclass
@@ -105,12 +120,13 @@ class ScheduleCfg:
     x gamma every ``decay_every_epochs``, staircase, as EfficientNet's 0.97 every 2.4 epochs)."""
 
     epochs: int = 110
-    name: Literal["step", "cosine", "exponential", "constant"] = "step"
+    name: Literal["step", "cosine", "exponential", "linear", "constant"] = "step"
     warmup_epochs: float = 5.0
     milestones: list[float] = field(default_factory=lambda: [35.0, 70.0, 95.0])
     gamma: float = 0.1
     min_lr_ratio: float = 0.0
     decay_every_epochs: float = 2.4
+    bn_eval_last_epochs: int = 0  # BN uses running statistics in the last N epochs (Xie thesis Sec 6.4.3)
 
 
 @dataclass
@@ -126,6 +142,8 @@ class EvalCfg:
     every_epochs: int = 1  # quick clean + PGD check on a val subset during training, 0 = off
     quick_images: int = 512
     quick_steps: int = 10
+    early_stop_patience: int = 0  # stop after this many quick checks without a better robust accuracy, 0 = off
+    select_best: bool = False  # final eval / export use the weights of the best quick robust accuracy (best.pt)
 
 
 @dataclass
@@ -204,6 +222,11 @@ _CHECKS: dict[str, Any] = {
     "attack.clean_start_prob": lambda v: 0 <= v <= 1,
     "objective.clean_weight": lambda v: 0 <= v <= 1,
     "objective.label_smoothing": lambda v: 0 <= v < 1,
+    "objective.clean_ratio": lambda v: 0 <= v <= 1,
+    "objective.alp_weight": lambda v: v >= 0,
+    "objective.trades_beta": lambda v: v >= 0,
+    "objective.mart_lambda": lambda v: v >= 0,
+    "objective.free_replays": lambda v: v >= 1,
     "optim.lr": lambda v: v > 0,
     "optim.weight_decay": lambda v: v >= 0,
     "optim.rmsprop_decay": lambda v: 0 < v < 1,
@@ -211,6 +234,10 @@ _CHECKS: dict[str, Any] = {
     "model.bn_momentum": lambda v: 0 <= v <= 1,
     "schedule.decay_every_epochs": lambda v: v > 0,
     "schedule.gamma": lambda v: 0 < v <= 1,
+    "schedule.bn_eval_last_epochs": lambda v: v >= 0,
+    "attack.warmup_epochs": lambda v: v >= 0,
+    "optim.ema_decay": lambda v: 0 <= v < 1,
+    "eval.early_stop_patience": lambda v: v >= 0,
     "schedule.epochs": lambda v: v >= 1,
     "schedule.warmup_epochs": lambda v: v >= 0,
     "eval.eps": lambda v: 0 <= v <= 255,
@@ -273,6 +300,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -322,8 +354,29 @@ def _validate(cfg: Config) -> None:
     if need and not set(need) <= set(doms):
         raise ConfigError(f"objective.name = {cfg.objective.name!r} trains separate BNs per image source, so it needs "
                           f"a BN model with model.bn_domains: [{', '.join(need)}] (got {doms or 'none'})")
-    if need and cfg.attack.name == "none":
+    if cfg.objective.name not in ("madry", "clean") and cfg.attack.name == "none":
         raise ConfigError(f"objective.name = {cfg.objective.name!r} needs an attack; set attack.name to pgd or fgsm")
+    if (cfg.eval.early_stop_patience or cfg.eval.select_best) and not cfg.eval.every_epochs:
+        raise ConfigError("eval.early_stop_patience / eval.select_best watch the quick robust checks, so they need "
+                          "eval.every_epochs >= 1")
+    last = 0
+    for i, ph in enumerate(cfg.data.phases):
+        bad = set(ph) - {"until_epoch", "image_size", "batch_size"}
+        if bad or not isinstance(ph.get("until_epoch"), int) or ph["until_epoch"] <= last or any(
+                not isinstance(ph.get(k, 1), int) or ph.get(k, 1) < 1 for k in ("image_size", "batch_size")):
+            raise ConfigError(f"data.phases[{i}] = {ph} is invalid: each phase is {{until_epoch: int (increasing), "
+                              "image_size: int, batch_size: int}}, e.g. [{until_epoch: 6, image_size: 128}, "
+                              "{until_epoch: 15, image_size: 224}]")
+        last = ph["until_epoch"]
+    if cfg.data.phases and last < cfg.schedule.epochs:
+        raise ConfigError(f"data.phases end at epoch {last} but schedule.epochs = {cfg.schedule.epochs}; the last "
+                          "phase's until_epoch must reach schedule.epochs")
+    if cfg.dist.engine == "deepspeed" and any("batch_size" in ph for ph in cfg.data.phases):
+        raise ConfigError("data.phases with batch_size changes the per-GPU batch, which a DeepSpeed engine fixes at "
+                          "start; use dist.engine=ddp or keep one batch_size")
+    if cfg.objective.name == "free" and cfg.dist.grad_accum != 1:
+        raise ConfigError("objective.name = 'free' replays each minibatch as whole optimizer steps, so it needs "
+                          "dist.grad_accum = 1")
     if cfg.objective.name == "advprop_fg" and cfg.data.autoaugment == "none":
         raise ConfigError("objective.name = 'advprop_fg' keeps a BN domain for AutoAugment images, so it needs "
                           "data.autoaugment (e.g. imagenet)")

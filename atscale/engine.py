@@ -40,21 +40,38 @@ def _bar(iterable: Iterable, total: int, desc: str, enabled: bool, initial: int 
                 initial=initial, mininterval=1.0, leave=False)
 
 
+def freeze_bn_statistics(module: nn.Module) -> int:
+    """Put every BatchNorm (plain, synchronized, timm's BN+act, Mixture BN) in eval mode: normalize with the running
+    statistics and stop updating them, while affine parameters still train (Xie thesis Sec 6.4.3). Returns the count."""
+    from atscale.layers.mixture_bn import MixtureBatchNorm2d
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, MixtureBatchNorm2d)):
+            m.eval()
+            n += 1
+    return n
+
+
 def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int], float], first_step: int,
                     skip_batches: int = 0, amp_dtype: torch.dtype | None = None,
                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     after_step: Callable[[int, dict], bool] | None = None, progress: bool = True,
-                    desc: str = "train") -> dict:
+                    desc: str = "train", bn_eval: bool = False) -> dict:
     """Run the rest of one epoch from (micro-)batch ``skip_batches``; ``after_step(step, metrics)`` returning True stops.
 
     ``updater`` (atscale.updater: DDP or DeepSpeed) holds the model and optimizer. Per micro-batch:
     x = augment(x) when given (AutoAugment), then ``objective.make_adv`` (the attack on the unwrapped module: eval-mode
     BN, no parameter grads, so no gradient synchronization fires), then the objective through ``updater.module`` and
-    ``updater.backward``; every
-    ``updater.accum`` micro-batches make one optimizer step with one gradient all-reduce.
+    ``updater.backward``; every ``updater.accum`` micro-batches make one optimizer step with one gradient
+    all-reduce. ``objective.replays`` > 1 (free training) repeats the micro-batch as that many optimizer steps.
+    ``bn_eval``: BN layers normalize with (and keep) their running statistics, the train/test-consistent BN of the
+    last epochs (Xie thesis Sec 6.4.3).
     """
     module, accum = updater.module, updater.accum
     module.train()
+    if bn_eval:
+        freeze_bn_statistics(module)
     meter = Meter()
     step = first_step
     t0, seen = time.perf_counter(), 0
@@ -68,27 +85,31 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
         if i >= usable:
             break
         last_micro = (i + 1) % accum == 0
-        lr = lr_at(step)
         if augment is not None:
             x = augment(x)
-        x_adv = objective.make_adv(updater.model, attack, x, y) if objective.needs_attack else x
-        with updater.micro_batch(last_micro):
-            with autocast(device, amp_dtype):
-                out = objective(module, x, x_adv, y)
-            updater.backward(out.loss, last_micro)
-        n = y.shape[0]
-        seen += n
-        if not last_micro:
-            continue
-        step += 1
-        m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
-        if out.clean_logits is not None:
-            m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
-        meter.add(n, **m)
-        ips = seen / max(1e-9, time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.3g}")
-        if after_step is not None and after_step(step, {**m, "lr": lr, "img_per_s": ips, "batch": i + 1}):
-            stopped = True
+        for _ in range(objective.replays):
+            lr = lr_at(step)
+            x_adv = objective.make_adv(updater.model, attack, x, y) if objective.needs_attack else x
+            with updater.micro_batch(last_micro):
+                with autocast(device, amp_dtype):
+                    out = objective(module, x, x_adv, y)
+                updater.backward(out.loss, last_micro)
+            objective.after_backward()
+            n = y.shape[0]
+            seen += n
+            if not last_micro:
+                continue
+            step += 1
+            m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
+            if out.clean_logits is not None:
+                m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
+            meter.add(n, **m)
+            ips = seen / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}", img_s=f"{ips:.0f}", lr=f"{lr:.3g}")
+            if after_step is not None and after_step(step, {**m, "lr": lr, "img_per_s": ips, "batch": i + 1}):
+                stopped = True
+                break
+        if stopped:
             break
     bar.close()
     avg = meter.averages()

@@ -1,4 +1,5 @@
-"""Training objectives, one class per strategy (Xie thesis, Intriguing Properties of Adversarial Training, Sec 6.3).
+"""Training objectives, one class per strategy: the thesis's (Intriguing Properties of Adversarial Training, Xie thesis
+Sec 6.3-6.4; AdvProp, Chapter 7) and the peers' (ALP, TRADES, MART, "free" adversarial training).
 
 Each objective has two parts that the engine calls per micro-batch:
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atscale.attacks.base import attack_mode
 from atscale.layers.context import domain, domain_split
 
 
@@ -39,6 +41,17 @@ class Objective:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv, y: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    replays = 1  # optimizer steps per micro-batch ("free" training replays each minibatch m times)
+
+    def after_backward(self) -> None:
+        """Called after each backward (free training reads the input gradient here)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class Madry(Objective):
@@ -77,6 +90,142 @@ class Mixed(Objective):
         loss = self.a * F.cross_entropy(clean, y, label_smoothing=self.ls) + \
             (1 - self.a) * F.cross_entropy(adv, y, label_smoothing=self.ls)
         return StepOutput(loss, adv, clean)
+
+
+class CleanRatio(Objective):
+    """All adversarial images plus a fraction r of their clean counterparts, with shared BNs, mean cross-entropy over
+    the combined batch (Xie thesis Sec 6.4.1, Figure 6.1: clean images removed by 0..100%; r = 1 is the 50/50 mixed
+    loss, r = 0 is Madry's 100% adversarial). The clean images kept are the first round(r n) of the batch."""
+
+    def __init__(self, ratio: float, label_smoothing: float = 0.0):
+        self.ratio, self.ls = ratio, label_smoothing
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        k = int(round(self.ratio * x.shape[0]))
+        logits = model(torch.cat([x[:k], x_adv])).float()
+        loss = F.cross_entropy(logits, torch.cat([y[:k], y]), label_smoothing=self.ls)
+        return StepOutput(loss, logits[k:], logits[:k] if k else None)
+
+
+class LogitPairing(Objective):
+    """Adversarial logit pairing (Kannan et al. 2018; compared in Xie thesis Sec 6.4.1): the mixed loss
+    a J(clean) + (1 - a) J(adv) plus lambda * mean squared difference between clean and adversarial logits."""
+
+    def __init__(self, weight: float, clean_weight: float = 0.5, label_smoothing: float = 0.0):
+        self.lam, self.a, self.ls = weight, clean_weight, label_smoothing
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
+        loss = self.a * F.cross_entropy(clean, y, label_smoothing=self.ls) + \
+            (1 - self.a) * F.cross_entropy(adv, y, label_smoothing=self.ls) + self.lam * F.mse_loss(adv, clean)
+        return StepOutput(loss, adv, clean)
+
+
+def _attack_logits(attack, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    amp = getattr(attack, "amp_dtype", None)
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(x).float()
+
+
+def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(softmax(p) || softmax(q))."""
+    logp, logq = F.log_softmax(p_logits, 1), F.log_softmax(q_logits, 1)
+    return (logp.exp() * (logp - logq)).sum(1)
+
+
+class Trades(Objective):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximises the KL term inside the
+    eps-ball by PGD (the training attack's eps, step and iterations; L-inf signed steps) from x + 0.001 N(0, I).
+
+    The attack runs with eval-mode BN and frozen parameters like every attack here; the loss uses one forward pass
+    over the concatenated clean + adversarial batch, so BN statistics are those of both (TRADES's code runs two
+    passes; one pass keeps DDP to one forward per backward)."""
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0):
+        self.beta, self.ls = beta, label_smoothing
+
+    def make_adv(self, model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if attack.eps == 0:
+            return x
+        g = attack.generator(x.device)
+        with domain(self.attack_domain), attack_mode(model):
+            p_clean = _attack_logits(attack, model, x).detach()
+            x_adv = (x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)).clamp(0, 1)
+            for _ in range(attack.iters):
+                x_adv.requires_grad_(True)
+                loss = kl_rows(p_clean, _attack_logits(attack, model, x_adv)).sum()
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                x_adv = torch.min(torch.max(x_adv.detach() + attack.step * grad.sign(), x - attack.eps), x + attack.eps)
+                x_adv = x_adv.clamp(0, 1)
+        return x_adv.detach()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
+        loss = F.cross_entropy(clean, y, label_smoothing=self.ls) + self.beta * kl_rows(clean, adv).mean()
+        return StepOutput(loss, adv, clean)
+
+
+class Mart(Objective):
+    """MART (Wang et al. 2020): boosted CE on the adversarial example, BCE = -log p_y(x') - log(1 - max_{k != y}
+    p_k(x')), plus lambda * KL(p(x) || p(x')) * (1 - p_y(x)), averaged over the batch; x' from the training attack
+    (PGD on cross-entropy). One forward pass over clean + adversarial images (see ``Trades``)."""
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
+        p_adv = F.softmax(adv, 1)
+        wrong = p_adv.scatter(1, y[:, None], float("-inf")).amax(1)
+        bce = F.cross_entropy(adv, y) - torch.log((1.0 - wrong).clamp_min(1e-12)).mean()
+        p_true_clean = F.softmax(clean, 1).gather(1, y[:, None]).squeeze(1)
+        loss = bce + self.lam * (kl_rows(clean, adv) * (1.0 - p_true_clean)).mean()
+        return StepOutput(loss, adv, clean)
+
+
+class Free(Objective):
+    """"Free" adversarial training (Shafahi et al. 2019): every minibatch is replayed m times; each replay is one
+    optimizer step on x + delta whose single backward also gives the input gradient, and delta <- clip(delta +
+    eps * sign(grad_x), -eps, eps) is carried to the next replay and the next minibatch. Train for epochs / m.
+
+    The attack object only supplies eps (and its seed); BN layers are in training mode for the shared pass."""
+
+    needs_attack = True
+
+    def __init__(self, replays: int, label_smoothing: float = 0.0):
+        self.replays, self.ls = replays, label_smoothing
+        self.delta: torch.Tensor | None = None
+        self._x_adv: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self.eps = 0.0
+
+    def make_adv(self, model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.eps = float(attack.eps)
+        if self.delta is None or self.delta.shape != x.shape:
+            self.delta = torch.zeros_like(x)
+        self.delta = self.delta.to(x.device, x.dtype)
+        self._x = x.detach()
+        self._x_adv = (self._x + self.delta).clamp(0, 1).requires_grad_(True)
+        return self._x_adv
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        logits = model(x_adv).float()
+        return StepOutput(F.cross_entropy(logits, y, label_smoothing=self.ls), logits)
+
+    def after_backward(self) -> None:
+        grad = self._x_adv.grad
+        if grad is None:
+            raise RuntimeError("free training: the backward did not reach the input; the loss must depend on x_adv")
+        delta = (self.delta + self.eps * grad.sign()).clamp(-self.eps, self.eps)
+        self.delta = ((self._x + delta).clamp(0, 1) - self._x).detach()
+        self._x_adv = None
+
+    def state_dict(self) -> dict:
+        return {"delta": self.delta.cpu()} if self.delta is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delta = state.get("delta")
 
 
 class SplitBN(Objective):
@@ -141,6 +290,12 @@ SPLIT_BN_OBJECTIVES = {"mbn": ("clean", "adv"), "advprop": ("clean", "adv"),
 
 def build_objective(cfg, augment=None):
     """The objective of ``objective.*``; ``augment`` is the AutoAugment batch transform (fine-grained AdvProp)."""
+    ls = cfg.label_smoothing
+    simple = {"ratio": lambda: CleanRatio(cfg.clean_ratio, ls), "alp": lambda: LogitPairing(cfg.alp_weight,
+              cfg.clean_weight, ls), "trades": lambda: Trades(cfg.trades_beta, ls), "mart": lambda: Mart(cfg.mart_lambda),
+              "free": lambda: Free(cfg.free_replays, ls)}
+    if cfg.name in simple:
+        return simple[cfg.name]()
     if cfg.name == "advprop_fg":
         if augment is None:
             raise ValueError("objective advprop_fg needs the AutoAugment transform (data.autoaugment)")

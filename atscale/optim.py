@@ -47,6 +47,9 @@ def lr_factor(step: int, steps_per_epoch: int, sched_cfg) -> float:
         t = (epoch - warm) / max(1e-8, sched_cfg.epochs - warm)
         lo = sched_cfg.min_lr_ratio
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if sched_cfg.name == "linear":  # with warmup: the triangular (one-cycle) schedule of "fast" training
+        t = (epoch - warm) / max(1e-8, sched_cfg.epochs - warm)
+        return max(0.0, 1.0 - t)
     if sched_cfg.name == "exponential":
         return sched_cfg.gamma ** math.floor(epoch / sched_cfg.decay_every_epochs)
     return 1.0

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 from atscale import distributed as dist
 from atscale import preempt
 from atscale.attacks import PGD, build_attack
-from atscale.checkpoint import CheckpointDir, CheckpointError, load_checkpoint
+from atscale.checkpoint import CheckpointDir, CheckpointError, load_checkpoint, save_checkpoint
+from atscale.controls import AttackBudget, EarlyStopping, WeightEMA, phase_at
 from atscale.config import Config, load_config, save_config
 from atscale.data import ensure_dataset, make_loader
 from atscale.data.augment import AutoAugmentBatch
@@ -98,8 +100,20 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         model = dist.convert_sync_bn(model, device)
     model = model.to(device)
     loader_args = dict(channels_last=cfg.model.channels_last, rank=rank, world_size=world)
-    train_loader = make_loader(cfg.data.root, "train", cfg.data, device, cfg.run.seed, train=True, **loader_args)
     val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False, **loader_args)
+    phase = {"index": -1}
+
+    def train_loader_for(at_epoch: int):
+        """The train loader of ``at_epoch``'s progressive-resizing phase (rebuilt when the phase changes)."""
+        idx, size, bs = phase_at(at_epoch, cfg.data.phases, cfg.data.image_size, cfg.data.batch_size)
+        if idx != phase["index"]:
+            data_cfg = replace(cfg.data, image_size=size, batch_size=bs)
+            phase.update(index=idx, batch=bs, size=size,
+                         loader=make_loader(cfg.data.root, "train", data_cfg, device, cfg.run.seed, train=True,
+                                            **loader_args))
+        return phase["loader"]
+
+    train_loader = train_loader_for(0)
     accum = cfg.dist.grad_accum
     spe = len(train_loader) // accum
     if spe == 0:
@@ -107,13 +121,16 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
                          f"{len(train_loader.loader.indices) // world} training images per rank; lower either")
     global_batch = cfg.data.batch_size * world * accum
     optimizer = build_optimizer(model, cfg.optim, global_batch)
-    peak_lr = optimizer.param_groups[0]["lr"]
     updater = build_updater(cfg.dist, model, optimizer, device, amp_dtype, cfg.data.batch_size)
     model = updater.model
     attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed + 1009 * rank)
     augment = AutoAugmentBatch(cfg.data.autoaugment, cfg.run.seed + 7919 * rank) \
         if cfg.data.autoaugment != "none" else None
     objective = build_objective(cfg.objective, augment)
+    budget = AttackBudget(attack, cfg.attack.warmup_epochs)
+    ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    stopper = EarlyStopping(cfg.eval.early_stop_patience)
+    eval_model = ema.module if ema else model  # what quick checks, the final eval and export see
     loop_augment = None if cfg.objective.name == "advprop_fg" else augment  # fine-grained: the objective applies it
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.run.keep_last)
 
@@ -126,6 +143,13 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         attack.load_state_dict(state.get("attack", {}))
         if augment is not None:
             augment.load_state_dict(state.get("augment", {}))
+        objective.load_state_dict(state.get("objective", {}))
+        stopper.load_state_dict(state.get("early_stop", {}))
+        if ema is not None:
+            if "model_ema" not in state:
+                raise CheckpointError(f"checkpoint '{resume_from}' has no EMA weights but optim.ema_decay = "
+                                      f"{cfg.optim.ema_decay}; resume with optim.ema_decay=0 or start a new run")
+            ema.load_state_dict(state["model_ema"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("world_size", world) != world or state.get("grad_accum", accum) != accum:
             print(f"note: checkpoint was written with world size {state.get('world_size')} x grad_accum "
@@ -137,19 +161,32 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     log = RunLog(run_dir, cfg.log.tensorboard) if main_rank else None
     progress = cfg.log.progress and main_rank
     if log:
-        log.write("start", step, device=str(device), amp=str(amp_dtype), steps_per_epoch=spe, peak_lr=peak_lr,
+        log.write("start", step, device=str(device), amp=str(amp_dtype), steps_per_epoch=spe * objective.replays,
+                  peak_lr=optimizer.param_groups[0]["lr"],
                   world_size=world, global_batch=global_batch, resumed_from=str(resume_from) if resume_from else None,
                   threads=torch.get_num_threads())
     quick = eval_attacks(cfg.eval, amp_dtype, cfg.run.seed, [cfg.eval.quick_steps]) if cfg.eval.every_epochs else {}
 
+    def attack_eps() -> float:
+        return float(getattr(attack, "eps", 0.0)) * 255.0
+
+    def best_state(at_step: int, at_epoch: int, q: dict) -> dict:
+        """A stand-alone checkpoint of the weights being evaluated (EMA when on) at the best quick robust check."""
+        return {"model": {k: v.detach().clone() for k, v in eval_model.state_dict().items()}, "step": at_step,
+                "epoch": at_epoch, "batch": 0, "val": q, "config": cfg.to_yaml(), "meta": json.dumps(meta),
+                "world_size": world, "grad_accum": accum, "engine": "ddp", "weights": "ema" if ema else "raw"}
+
     def checkpoint(at_epoch: int, at_batch: int, at_step: int) -> None:
         """All ranks call this (DeepSpeed writes one optimizer partition per rank); rank 0 writes the step file."""
-        if at_batch >= spe * accum:
+        if at_batch >= len(phase["loader"]) // accum * accum:
             at_epoch, at_batch = at_epoch + 1, 0
         state = updater.save_state(ckpts.root, ckpts.step_name(at_step), main_rank)
         if not main_rank:
             return
+        if ema is not None:
+            state["model_ema"] = ema.state_dict()
         state.update({"attack": attack.state_dict(), "augment": augment.state_dict() if augment else {},
+                      "objective": objective.state_dict(), "early_stop": stopper.state_dict(),
                       "torch_rng": torch.get_rng_state(), "epoch": at_epoch,
                       "batch": at_batch, "step": at_step, "config": cfg.to_yaml(), "meta": json.dumps(meta),
                       "world_size": world, "grad_accum": accum, "engine": updater.engine})
@@ -158,16 +195,30 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     summary: dict[str, Any] = {}
     stopped = False
     reason = ""
+    best_path = run_dir / "checkpoints" / "best.pt"
+    watch_best = bool(cfg.eval.select_best or cfg.eval.early_stop_patience)
     t_train = time.perf_counter()
     while epoch < cfg.schedule.epochs and not stopped:
+        train_loader = train_loader_for(epoch)
         train_loader.set_epoch(epoch)
-        cur_epoch = epoch
+        nb = len(train_loader) // accum * accum  # micro-batches per epoch
+        cur_epoch, spe = epoch, nb // accum * objective.replays  # optimizer steps per epoch
+        peak_lr = cfg.optim.lr * phase["batch"] * world * accum / cfg.optim.ref_batch
+        first, done_before = step, batch // accum * objective.replays  # steps of this epoch already done (resume)
+
+        def begin_step(s: int) -> float:
+            """Per-step schedules: the learning rate and the attack budget's warmup, at this epoch's fraction."""
+            k = done_before + s - first
+            budget.apply(cur_epoch + k / spe)
+            return set_lr(updater.optimizer, peak_lr, lr_factor(cur_epoch * spe + k, spe, cfg.schedule))
 
         def after_step(s: int, m: dict) -> bool:
             nonlocal reason
-            end_of_epoch = m["batch"] == spe * accum
+            if ema is not None:
+                ema.update(model, s)
+            end_of_epoch = m["batch"] == nb
             if log and (s % cfg.log.every_steps == 0 or end_of_epoch):
-                log.write("train", s, epoch=cur_epoch + m["batch"] / (spe * accum), **m)
+                log.write("train", s, epoch=cur_epoch + m["batch"] / nb, eps=attack_eps(), **m)
             if cfg.run.max_steps > 0 and s >= cfg.run.max_steps:
                 reason = "max_steps"
             elif dist.any_rank(preempt.stop_requested(), device):
@@ -176,31 +227,41 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
                 checkpoint(cur_epoch, m["batch"], s)
             return bool(reason)
 
-        res = train_one_epoch(updater, train_loader, attack, objective,
-                              lr_at=lambda s: set_lr(updater.optimizer, peak_lr, lr_factor(s, spe, cfg.schedule)),
-                              first_step=step, skip_batches=batch, amp_dtype=amp_dtype, augment=loop_augment,
-                              after_step=after_step,
-                              progress=progress, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
+        bn_eval = epoch >= cfg.schedule.epochs - cfg.schedule.bn_eval_last_epochs
+        res = train_one_epoch(updater, train_loader, attack, objective, lr_at=begin_step, first_step=step,
+                              skip_batches=batch, amp_dtype=amp_dtype, augment=loop_augment, after_step=after_step,
+                              progress=progress, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", bn_eval=bn_eval)
         step += res.pop("steps")
         stopped = res.pop("stopped")
         summary = res
         if stopped:
             break
         epoch, batch = epoch + 1, 0
-        checkpoint(epoch, 0, step)
         line = f"epoch {epoch}/{cfg.schedule.epochs}: loss {res.get('loss', float('nan')):.4f} " \
                f"train acc {100 * res.get('acc', 0):.1f}% ({res['img_per_s']:.1f} img/s)"
         if quick and epoch % cfg.eval.every_epochs == 0:
-            q = evaluate(model, val_loader, quick, amp_dtype=amp_dtype, max_images=cfg.eval.quick_images,
+            q = evaluate(eval_model, val_loader, quick, amp_dtype=amp_dtype, max_images=cfg.eval.quick_images,
                          progress=progress, desc="val")
             qk = next(iter(quick))
+            improved, early = stopper.update(q[qk]["acc"], step)
+            if improved and watch_best and main_rank:
+                save_checkpoint(best_state(step, epoch, q), best_path)
             if log:
-                log.write("val", step, epoch=epoch, clean_acc=q["clean"]["acc"], pgd_acc=q[qk]["acc"], attack=qk)
+                log.write("val", step, epoch=epoch, clean_acc=q["clean"]["acc"], pgd_acc=q[qk]["acc"], attack=qk,
+                          best_pgd_acc=stopper.best)
             line += f" | val clean {100 * q['clean']['acc']:.1f}% {qk} {100 * q[qk]['acc']:.1f}%"
+            if early and epoch < cfg.schedule.epochs:
+                reason = "early_stop"
+                line += f" | early stop: no better {qk} for {stopper.bad} checks (best {100 * stopper.best:.1f}% " \
+                        f"at step {stopper.best_step})"
+                epoch = cfg.schedule.epochs  # ends the loop; the final eval and export follow
+        checkpoint(epoch, 0, step)
         if log:
-            log.write("epoch", step, epoch=epoch, **res)
+            log.write("epoch", step, epoch=epoch, image_size=phase["size"], batch_size=phase["batch"],
+                      bn_eval=bn_eval, **res)
             print(line, file=sys.stderr)
-    summary.update(steps=step, seconds=time.perf_counter() - t_train, epoch=epoch, stopped=stopped)
+    summary.update(steps=step, seconds=time.perf_counter() - t_train, epoch=epoch, stopped=stopped,
+                   early_stopped=reason == "early_stop")
     if stopped:
         if log:
             log.write("stopped", step, epoch=epoch, reason=reason)
@@ -208,6 +269,15 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         dist.barrier()  # the checkpoint is on disk before any rank returns
         return {"stopped": True, "reason": reason, "step": step, "run_dir": str(run_dir)}
 
+    if watch_best and cfg.eval.select_best:
+        dist.barrier()
+        if best_path.exists():
+            best = load_checkpoint(best_path, map_location=device)
+            eval_model.load_state_dict(best["model"])
+            summary["selected_step"] = best["step"]
+            if main_rank:
+                print(f"final eval on the best quick check: step {best['step']} (best.pt)", file=sys.stderr)
+    model = eval_model
     results = evaluate(model, val_loader, eval_attacks(cfg.eval, amp_dtype, cfg.run.seed), amp_dtype=amp_dtype,
                        max_images=cfg.eval.max_images, progress=progress, desc="final eval")
     if not main_rank:

@@ -69,3 +69,10 @@ def test_cli_reports_config_errors_before_any_work(tmp_path: Path, capfd) -> Non
     err = capfd.readouterr().err
     assert "unknown config key 'optim.lrr'" in err and "allowed keys here: name, lr, ref_batch" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_exponent_floats_from_the_command_line() -> None:
+    """YAML 1.1 reads 1e-4 (no dot) as a string; float keys accept it, anything non-numeric still fails."""
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    with pytest.raises(ConfigError, match="'optim.lr' = 'fast' is invalid: expected float"):
+        load_config(None, ["optim.lr=fast"])
