@@ -30,7 +30,7 @@ def test_resolved_config_round_trips_through_yaml() -> None:
     (["attack.iters=2.5"], r"'attack.iters' = 2.5 is invalid: expected int"),
     (["attack.targeted=maybe"], r"'attack.targeted' = 'maybe' is invalid: expected bool"),
     (["objective.name=trades2"], r"'objective.name' = 'trades2' is invalid: expected one of 'madry', 'mixed', 'mbn', 'advprop'"),
-    (["schedule.name=linear"], r"'schedule.name' = 'linear' is invalid: expected one of 'step', 'cosine'"),
+    (["schedule.name=triangle"], r"'schedule.name' = 'triangle' is invalid: expected one of 'step', 'cosine'"),
     (["eval.steps=10"], r"'eval.steps' = 10 is invalid: expected a list of int"),
     (["attack.eps=300"], r"'attack.eps' = 300.0 is out of range: expected a budget in 0..255 pixel units"),
     (["data.rrc_scale=[0.9, 0.1]"], r"'data.rrc_scale' .* expected two numbers 0 < lo <= hi <= 1"),
