@@ -104,7 +104,7 @@ class CleanRatio(Objective):
         k = int(round(self.ratio * x.shape[0]))
         logits = model(torch.cat([x[:k], x_adv])).float()
         loss = F.cross_entropy(logits, torch.cat([y[:k], y]), label_smoothing=self.ls)
-        return StepOutput(loss, logits[k:], logits[:k] if k else None)
+        return StepOutput(loss, logits[k:], logits[:k] if k == x.shape[0] else None)  # clean acc: whole batches
 
 
 class LogitPairing(Objective):

@@ -39,6 +39,7 @@ def digits_twin(cfg: Config, root: str = "data/digits") -> Config:
     """The digits-scale twin of ``cfg`` (a copy): protocol kept, data / width / depth / epochs scaled down."""
     t = copy.deepcopy(cfg)
     d = t.data
+    base_size = d.image_size
     d.source, d.root, d.src, d.build_if_missing = "digits", root, "", True
     d.batch_size, d.eval_batch_size = 64, 200
     d.image_size = d.val_size = 32
@@ -50,7 +51,19 @@ def digits_twin(cfg: Config, root: str = "data/digits") -> Config:
     s.epochs = TWIN_EPOCHS
     s.warmup_epochs = min(1.0, s.warmup_epochs)
     s.milestones = [round(m * scale, 3) for m in s.milestones]
+    if s.bn_eval_last_epochs:
+        s.bn_eval_last_epochs = max(1, round(s.bn_eval_last_epochs * scale))
     s.decay_every_epochs = max(0.05, s.decay_every_epochs * scale)
+    phases, last = [], 0
+    for ph in d.phases:  # progressive resizing: same fractions of training, sizes relative to 32 px, one batch size
+        until = min(TWIN_EPOCHS, max(last + 1, round(ph["until_epoch"] * scale)))
+        size = max(16, 8 * round(ph.get("image_size", base_size) * 32 / base_size / 8))
+        if until > last:
+            phases.append({"until_epoch": until, "image_size": size})
+            last = until
+    if phases:
+        phases[-1]["until_epoch"] = TWIN_EPOCHS
+    d.phases = phases
     e = t.eval
     e.steps = sorted({min(k, 20) for k in e.steps})
     e.max_images, e.every_epochs, e.quick_images = 0, 2, 200

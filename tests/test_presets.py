@@ -28,7 +28,9 @@ def test_there_is_a_preset_per_paper_protocol() -> None:
     names = {p.stem for p in PRESETS}
     for needed in ("r152_iat", "r152_iat_denoise", "r152_mixed", "r152_mbn", "r152_gn_mixed", "r50_sat_relu",
                    "r50_sat_silu", "r50_sat_smoothrelu", "r50_sat_relu_softgrad_both", "advprop_efficientnet_b0",
-                   "advprop_efficientnet_b7", "advprop_fg_efficientnet_b0", "advprop_resnet50"):
+                   "advprop_efficientnet_b7", "advprop_fg_efficientnet_b0", "advprop_resnet50", "r152_alp",
+                   "r152_ratio", "r152_iat_bn_consistent", "fast_r50_eps2", "fast_r50_eps4", "free_r50_eps2",
+                   "free_r50_eps4", "trades_r50_eps4", "trades_r50_eps8", "mart_r50_eps4", "mart_r50_eps8"):
         assert needed in names
 
 
@@ -36,7 +38,8 @@ def test_there_is_a_preset_per_paper_protocol() -> None:
 def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digits_root: Path, tmp_path: Path) -> None:
     full = load_config(preset)
     over = [f"data.root={digits_root}", f"run.out_dir={tmp_path}", "run.max_steps=1", "data.batch_size=16",
-            "log.progress=false", "log.tensorboard=false", "eval.every_epochs=0", "log.every_steps=1"]
+            "log.progress=false", "log.tensorboard=false", "eval.every_epochs=0", "log.every_steps=1",
+            "eval.select_best=false", "eval.early_stop_patience=0"]
     cfg = load_config(preset, over, twin="digits")
     assert cfg.data.source == "digits" and cfg.data.image_size == 32
     for sec in ("attack", "objective", "optim"):
@@ -44,6 +47,8 @@ def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digi
     assert (cfg.model.bn_domains, cfg.model.eval_domain, cfg.data.autoaugment) == \
         (full.model.bn_domains, full.model.eval_domain, full.data.autoaugment)
     assert cfg.schedule.name == full.schedule.name and cfg.schedule.epochs < full.schedule.epochs
+    assert len(cfg.data.phases) == len(full.data.phases) and bool(cfg.schedule.bn_eval_last_epochs) == \
+        bool(full.schedule.bn_eval_last_epochs)
 
     res = main(cfg)
     assert res["stopped"] and res["reason"] == "max_steps" and res["step"] == 1
