@@ -95,3 +95,172 @@ def write_report(run_dir: Path, cfg, results: dict, meta: dict, train_summary: d
     path = Path(run_dir) / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+# ------------------------------------------------------------------ evaluation suites (atscale.suite / atscale.shift)
+
+
+def _curve_label(r: dict, fixed: tuple[str, ...]) -> str:
+    parts = [str(r.get("attack", "")).upper()]
+    if "steps" in fixed and r.get("steps"):
+        parts.append(f"{r['steps']} it")
+    if "eps" in fixed:
+        parts.append(f"eps {r['eps']:g}")
+    if r.get("restarts", 1) > 1:
+        parts.append(f"x{r['restarts']}")
+    parts.append("targeted" if r.get("targeted") else "untargeted")
+    if r.get("kind") not in ("white-box", None):
+        parts.append(r["kind"])
+    return ", ".join(parts)
+
+
+def _suite_curves(results: dict, axis: str) -> list[tuple[str, list[tuple[float, float]]]]:
+    """Curves of accuracy along ``axis`` (steps or eps) for rows equal in everything else; unbounded rows left out."""
+    fixed = ("eps",) if axis == "steps" else ("steps",)
+    groups: dict[tuple, list[dict]] = {}
+    for r in results.values():
+        if r.get("kind") in ("clean", "aggregate", None) or r.get("eps", 0) >= 255:
+            continue
+        key = (r.get("attack"), r.get("norm"), bool(r.get("targeted")), r.get("restarts", 1), r.get("kind"),
+               r.get("source", "")) + tuple(r.get(f) for f in fixed)
+        groups.setdefault(key, []).append(r)
+    curves = []
+    for members in groups.values():
+        pts = sorted({(float(m[axis]), 100 * m["acc"]) for m in members})
+        if axis == "eps":
+            pts = [(0.0, 100 * results["clean"]["acc"])] + pts
+        curves.append((_curve_label(members[0], fixed), pts))
+    return sorted(curves)
+
+
+def _plot_suite(results: dict, axis: str, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for label, pts in _suite_curves(results, axis):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, ms=4)
+    if "clean" in results:
+        ax.axhline(100 * results["clean"]["acc"], color="gray", ls="--", label="clean accuracy")
+    if axis == "steps":
+        ticks = sorted({p[0] for _, pts in _suite_curves(results, axis) for p in pts})
+        ax.set_xscale("log")
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
+        ax.set_xlabel("attack iterations")
+    else:
+        ax.set_xlabel("eps (0..255 pixel units)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_iterations(results: dict, path: Path, title: str = "") -> Path:
+    """Suite results (label -> row with acc, attack, eps, steps, ...): one line per attack setting over iterations."""
+    return _plot_suite(results, "steps", Path(path), title)
+
+
+def plot_accuracy_vs_eps(results: dict, path: Path, title: str = "") -> Path:
+    """Suite results: one line per attack setting over eps, starting at clean accuracy at eps 0."""
+    return _plot_suite(results, "eps", Path(path), title)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def suite_table(results: dict) -> str:
+    rows = ["| attack | method | kind | norm | eps | iterations | step | restarts | targeted | accuracy | "
+            "attack success | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        if r.get("kind") == "clean":
+            rows.append(f"| clean | - | clean | - | 0 | 0 | - | - | - | {_pct(r['acc'])} | - | - |")
+            continue
+        step = f"{r['step']:.3g}/255" if r.get("step") is not None else "-"
+        method = r["attack"] if r.get("kind") != "aggregate" else "worst of " + ", ".join(r["of"])
+        secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+        rows.append(f"| {label} | {method} | {r['kind']} | {r.get('norm', '-')} | {r['eps']:.3g}/255 | "
+                    f"{r.get('steps', '-')} | {step} | {r.get('restarts', '-')} | {r.get('targeted', '-')} | "
+                    f"{_pct(r['acc'])} | {_pct(r.get('success_rate'))} | {secs} |")
+    return "\n".join(rows)
+
+
+def shift_markdown(shift: list[dict]) -> list[str]:
+    lines = ["## Distribution shift", "", "| test set | layout | images | classes | accuracy | error | mCE |",
+             "|---|---|---|---|---|---|---|"]
+    for s in shift:
+        mce = f"{100 * s['mce']:.2f}%" if s.get("mce") is not None else "-"
+        lines.append(f"| `{s['root']}` | {s['layout']} | {s['n']} | {s['n_classes']} | {_pct(s['acc'])} | "
+                     f"{_pct(s['error'])} | {mce} |")
+    for s in shift:
+        if s["layout"] != "imagenet-c":
+            continue
+        sev = sorted({k for e in s["errors"].values() for k in e}, key=int)
+        lines += ["", f"### ImageNet-C errors: `{s['root']}`", "",
+                  "| corruption | " + " | ".join(f"s{k}" for k in sev) + " | mean error | CE | rel. CE |",
+                  "|---|" + "---|" * (len(sev) + 3)]
+        for c, e in s["errors"].items():
+            ce, rce = (s.get("ce") or {}).get(c), (s.get("relative_ce") or {}).get(c)
+            lines.append(f"| {c} | " + " | ".join(_pct(e.get(k)) for k in sev) +
+                         f" | {_pct(s['corruption_error'][c])} | {_pct(ce)} | {_pct(rce)} |")
+        if s.get("mce") is not None:
+            lines += ["", f"mCE {100 * s['mce']:.2f}% against baseline `{s.get('baseline')}`"
+                      + (f", relative mCE {100 * s['relative_mce']:.2f}%" if s.get("relative_mce") is not None
+                         else "") + ". CE_c = sum_s E_s,c / sum_s E^base_s,c; mCE = mean over corruptions."]
+        for note in s.get("notes", []):
+            lines += ["", f"Note: {note}"]
+    return lines + [""]
+
+
+def suite_markdown(doc: dict, title: str = "", plots: list[Path] = ()) -> str:
+    """The Markdown report of an evaluation (suite results, sanity flags, probes, shift sets, plots)."""
+    lines = [f"# Robustness evaluation{': ' + title if title else ''}", ""]
+    info = doc.get("checkpoint_info", {})
+    if info:
+        lines += [f"- checkpoint: `{info.get('checkpoint')}`", f"- model: `{info.get('arch')}`"
+                  + (f", BN domain `{info['bn_domain']}`" if info.get("bn_domain") else ""),
+                  f"- data: `{info.get('data')}`", ""]
+    if doc.get("results"):
+        s = doc["suite"]
+        lines += [f"## Suite `{s['name']}`", "", s.get("description", ""), "",
+                  f"{doc['n']} images, {doc['world_size']} process(es), {doc['seconds']:.1f} s "
+                  f"({doc['img_per_s']:.1f} images/s through all attacks).", "", suite_table(doc["results"]), "",
+                  "Accuracy counts an image as robust only if it is classified correctly both clean and under the "
+                  "attack (AutoAttack / RobustBench convention). Attack success: targeted = share of images "
+                  "classified as the target; untargeted = share of clean-correct images the attack fooled.", ""]
+    flags = doc.get("flags")
+    if flags is not None:
+        lines += ["## Sanity checks (gradient masking)", ""]
+        if flags:
+            lines += [f"- **{f['severity']}** `{f['name']}`: {f['message']}" for f in flags]
+        else:
+            lines.append("No flags: accuracy falls with iterations and eps, no black-box attack beats the white-box "
+                         "ones, unbounded attacks reach ~0%, input gradients are non-zero and finite, and the model "
+                         "is deterministic (for the checks this suite's attacks allow).")
+        p = doc.get("probes") or {}
+        if p.get("gradients"):
+            g, st = p["gradients"], p["stochastic"]
+            lines += ["", f"Probes on the first batch of each rank: {g['n']} images; all-zero input gradient "
+                          f"(CE / margin loss): {g['zero_ce']} / {g['zero_margin']}; non-finite: "
+                          f"{max(g['nonfinite_ce'], g['nonfinite_margin'])}; two identical calls differ by up to "
+                          f"{st['max_rel_diff']:.3g} (relative), {st['pred_changed']} predictions changed."]
+        lines.append("")
+    if doc.get("robustbench"):
+        rb = doc["robustbench"]
+        lines += ["## RobustBench model info", "", f"`robustbench_model_info.json`: clean {rb['clean_acc']}%, "
+                  f"AutoAttack {rb['autoattack_acc']}% at Linf eps {rb['eps']} ({rb['dataset']}).", ""]
+    if doc.get("shift"):
+        lines += shift_markdown(doc["shift"])
+    for p in plots:
+        lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    return "\n".join(lines)

@@ -228,3 +228,31 @@ def test_early_stopping_selects_best_and_progressive_resizing(digits_root: Path,
     assert res["train"]["early_stopped"] and res["train"]["selected_step"] == val[0]["step"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["step"] == val[0]["step"] and best["weights"] == "raw"
+
+
+def test_checkpoint_evaluation_uses_ema_weights_when_kept(digits_root: Path, tmp_path: Path) -> None:
+    from atscale.evaluate import model_from_checkpoint
+
+    over = tiny_overrides(digits_root, tmp_path, "ema", **{"optim.ema_decay": 0.5, "run.max_steps": 3})
+    main(load_config(None, over))
+    ck = tmp_path / "ema" / "checkpoints" / "last.pt"
+    state = load_checkpoint(ck)
+    auto, _, _ = model_from_checkpoint(ck, torch.device("cpu"))
+    raw, _, _ = model_from_checkpoint(ck, torch.device("cpu"), weights="raw")
+    k = next(k for k in state["model"] if k.endswith("conv1.weight"))
+    assert torch.equal(auto.state_dict()[k], state["model_ema"][k]) and torch.equal(raw.state_dict()[k], state["model"][k])
+    assert not torch.equal(state["model"][k], state["model_ema"][k])
+
+
+def test_training_attack_takes_least_likely_targets_from_the_config() -> None:
+    from atscale.attacks import build_attack
+
+    cfg = load_config(None, ["attack.targeted=true", "attack.target_mode=least_likely", "attack.iters=1"])
+    atk = build_attack(cfg.attack, seed=0)
+    model = _Lin()
+    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.zeros(8, dtype=torch.long)
+    res = atk.perturb(model, x, y)
+    with torch.no_grad():
+        ll = model(x).scatter(1, y[:, None], float("inf")).argmin(1)
+    assert torch.equal(res.target, ll)

@@ -4,10 +4,15 @@ During an attack (Feature Denoising, Sec 4.5; DESIGN "Units and invariants"): BN
 never update them (eval mode), and parameters do not require grad, so backward computes the input gradient only
 (2 forward-equivalents per PGD step instead of 3) and no parameter ``.grad`` is touched. Layers that behave
 differently for the attacker (``atscale.layers.context``) see ``in_attack()`` as True.
+
+``SeededAttack`` is the shared state of every attack object in this package: budgets as fractions of the [0, 1] pixel
+range, one seeded ``torch.Generator`` per attack (all randomness: starts, targets, transformations, square positions)
+so that a run is reproducible from ``seed`` and from ``state_dict()``, and the ``perturb`` / ``__call__`` pair.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
@@ -18,6 +23,13 @@ from atscale.layers.context import attack_pass
 
 class Attack(Protocol):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor
+    target: torch.Tensor | None  # the class each targeted example was pushed towards
+    success: torch.Tensor | None  # per example: fooled (untargeted) / hit the target (targeted), when tracked
 
 
 @contextlib.contextmanager
@@ -49,3 +61,55 @@ class NoAttack:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class SeededAttack:
+    """Base of the attack objects: ``name``, ``eps`` (fraction of [0, 1]), ``iters`` (steps or queries), ``targeted``,
+    ``step`` (nominal step size as a fraction, 0 where the attack has none), ``seed`` and a lazily created generator on
+    the input's device. ``reseed(seed)`` restarts the random stream; ``state_dict`` / ``load_state_dict`` carry it."""
+
+    name: str = "attack"
+    eps: float
+    iters: int
+    targeted: bool = False
+    step: float = 0.0
+    seed: int = 0
+    amp_dtype: torch.dtype | None = None
+
+    def _init_rng(self, seed: int) -> None:
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+        self._pending_state: torch.Tensor | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                self._gen.set_state(self._pending_state)
+                self._pending_state = None
+        return self._gen
+
+    def state_dict(self) -> dict:
+        return {"gen": self._gen.get_state()} if self._gen is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "gen" in state:
+            self._pending_state = state["gen"]
+            self._gen = None
+
+    def reseed(self, seed: int) -> None:
+        self.seed, self._gen, self._pending_state = seed, None, None
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.perturb(model, x, y).x_adv
+
+    def _logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            return model(x).float()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, eps={self.eps:.5g}, iters={self.iters}, "
+                f"targeted={self.targeted}, seed={self.seed})")
