@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from atscale.attacks import make_attack
-from train_step import device_info, sync  # benchmarks/ shares the device record
+from train_step import device_info, emit, sync  # benchmarks/ shares the device record
 
 ATTACKS = ("pgd-10", "apgd-ce", "apgd-t", "fab-t", "square", "mi-fgsm", "di2-fgsm", "standard")
 
@@ -202,14 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counter.handle.remove()
     out["loadavg_end"] = os.getloadavg()
     out["summary_ms_per_image"] = {k: v["ms_per_image"] for k, v in out["attacks"].items()}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.save:
-        path = Path(args.save)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-        log(f"wrote {path}")
-    return out
+    return emit(out, args.save)
 
 
 if __name__ == "__main__":

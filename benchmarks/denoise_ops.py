@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from atscale.layers.denoise import DenoiseBlock
-from train_step import device_info, sync  # benchmarks/ shares the device record
+from train_step import device_info, emit, sync  # benchmarks/ shares the device record
 
 STAGES = {"res2": (256, 56), "res3": (512, 28), "res4": (1024, 14), "res5": (2048, 7)}
 OPS = {"gaussian": {"op": "gaussian"}, "gaussian+subsample": {"op": "gaussian", "subsample": True},
@@ -162,14 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["loadavg_end"] = os.getloadavg()
     out["summary_ratio"] = {stage: {k: round(v["ratio"], 3) for k, v in r["denoise"].items()}
                             for stage, r in out["stages"].items()}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.save:
-        path = Path(args.save)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-        log(f"wrote {path}")
-    return out
+    return emit(out, args.save)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def emit(out: dict, save: str | None) -> dict:
+    """Print the benchmark's JSON record and, with ``--save PATH``, also write it there (benchmarks/results/)."""
+    text = json.dumps(out, indent=2)
+    print(text)
+    if save:
+        path = Path(save)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        log(f"wrote {path}")
+    return out
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"type": device.type, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
@@ -227,14 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["loadavg_end"] = os.getloadavg()
     if "ours" in out and "plain" in out:
         out["ratio"] = out["ours"]["img_per_s"] / out["plain"]["img_per_s"]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.save:
-        path = Path(args.save)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-        log(f"wrote {path}")
-    return out
+    return emit(out, args.save)
 
 
 if __name__ == "__main__":
