@@ -12,10 +12,8 @@ BN train/test consistency (Xie thesis Sec 6.4.3) is ``atscale.engine.freeze_bn_s
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -93,7 +91,3 @@ def phase_at(epoch: int, phases: list[dict[str, Any]], image_size: int, batch_si
         if epoch < ph["until_epoch"]:
             return i, ph.get("image_size", image_size), ph.get("batch_size", batch_size)
     return 0, image_size, batch_size
-
-
-def copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import attack_mode
+from atscale.attacks.geometry import project
 from atscale.layers.context import domain, domain_split
 
 
@@ -121,12 +122,6 @@ class LogitPairing(Objective):
         return StepOutput(loss, adv, clean)
 
 
-def _attack_logits(attack, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    amp = getattr(attack, "amp_dtype", None)
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return model(x).float()
-
-
 def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Per-example KL(softmax(p) || softmax(q))."""
     logp, logq = F.log_softmax(p_logits, 1), F.log_softmax(q_logits, 1)
@@ -150,14 +145,13 @@ class Trades(Objective):
             return x
         g = attack.generator(x.device)
         with domain(self.attack_domain), attack_mode(model):
-            p_clean = _attack_logits(attack, model, x).detach()
+            p_clean = attack._logits(model, x).detach()
             x_adv = (x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)).clamp(0, 1)
             for _ in range(attack.iters):
                 x_adv.requires_grad_(True)
-                loss = kl_rows(p_clean, _attack_logits(attack, model, x_adv)).sum()
+                loss = kl_rows(p_clean, attack._logits(model, x_adv)).sum()
                 (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = torch.min(torch.max(x_adv.detach() + attack.step * grad.sign(), x - attack.eps), x + attack.eps)
-                x_adv = x_adv.clamp(0, 1)
+                x_adv = project(x_adv.detach() + attack.step * grad.sign(), x, attack.eps, "linf")
         return x_adv.detach()
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
@@ -217,8 +211,7 @@ class Free(Objective):
         grad = self._x_adv.grad
         if grad is None:
             raise RuntimeError("free training: the backward did not reach the input; the loss must depend on x_adv")
-        delta = (self.delta + self.eps * grad.sign()).clamp(-self.eps, self.eps)
-        self.delta = ((self._x + delta).clamp(0, 1) - self._x).detach()
+        self.delta = (project(self._x + self.delta + self.eps * grad.sign(), self._x, self.eps, "linf") - self._x).detach()
         self._x_adv = None
 
     def state_dict(self) -> dict:

@@ -18,7 +18,6 @@ image counts exactly once (as :func:`atscale.engine.evaluate`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -35,11 +34,9 @@ from atscale import distributed as dist
 from atscale import sanity
 from atscale.config import ConfigError
 
-try:
-    from atscale.attacks import ATTACK_NAMES
-except ImportError:  # an installation without the evaluation attacks: only the names are needed here
-    ATTACK_NAMES = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "standard", "i-fgsm", "mi-fgsm",
-                    "di2-fgsm", "m-di2-fgsm", "ti-fgsm")
+from atscale.attacks import ATTACK_NAMES
+from atscale.engine import autocast
+from atscale.layers.context import evaluation
 BLACK_BOX = ("square",)
 KINDS = ("clean", "white-box", "black-box", "transfer")
 
@@ -259,18 +256,6 @@ def build_attack(spec: AttackSpec, amp_dtype: torch.dtype | None = None, seed: i
 # ----------------------------------------------------------------------------------------------- runner
 
 
-def _evaluation_context():
-    try:
-        from atscale.layers.context import evaluation
-    except ImportError:
-        return contextlib.nullcontext()
-    return evaluation()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def _shard_size(loader) -> int | None:
     inner = getattr(loader, "loader", None)
     idx = getattr(inner, "indices", None)
@@ -294,7 +279,7 @@ def run_suite(model: nn.Module, loader, suite: Suite, *, amp_dtype: torch.dtype 
 
     Returns ``{"suite", "results": {label: {...}}, "probes", "flags", "n", "world_size", "seconds", "img_per_s"}``.
     Every attack restarts from the same seed, so PGD-j's iterates are a prefix of PGD-k's (monotone in k)."""
-    with _evaluation_context(), torch.no_grad():
+    with evaluation(), torch.no_grad():
         return _run(model, loader, suite, amp_dtype=amp_dtype, max_images=max_images, seed=seed, progress=progress,
                     probes=probes, surrogates=surrogates or {}, opts=sanity_opts or sanity.SanityOptions(),
                     desc=desc or f"suite {suite.name}")
@@ -327,7 +312,7 @@ def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes,
             if n >= limit:
                 break
             x, y = x[: limit - n], y[: limit - n]
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             clean_ok = model(x).argmax(1) == y
         clean_correct += int(clean_ok.sum())
         if probes and not probe:
@@ -339,7 +324,7 @@ def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes,
             t1 = time.perf_counter()
             with torch.enable_grad():
                 res = atk.perturb(surrogates.get(s.source, model), x, y)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 pred = model(res.x_adv).argmax(1)
             secs[s.label] += time.perf_counter() - t1
             adv_ok = pred == y
