@@ -1,4 +1,5 @@
-"""Typed run configuration, declared once (sections: data, model, attack, objective, optim, schedule, eval, dist, log, run).
+"""Typed run configuration, declared once (sections: data, model, attack, objective, optim, schedule, eval, dist,
+perf, log, run).
 
 Sections are dataclasses; a YAML file overrides the defaults and ``key.sub=value`` arguments override the YAML.
 Unknown keys and values of the wrong type fail before any work, with a message that names the key and what is allowed.
@@ -36,6 +37,7 @@ class DataCfg:
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
     num_workers: int = 2
+    batches_ahead: int = 3  # FFCV decodes this many batches ahead in the background while the GPU computes
     autoaugment: Literal["none", "imagenet", "cifar10", "svhn"] = "none"  # policy on training batches (EfficientNet)
     # progressive resizing ("fast" training, Wong et al. 2020): [{until_epoch: 6, image_size: 128, batch_size: 256}, ...]
     # each phase holds until its until_epoch (exclusive); image_size / batch_size default to the values above
@@ -181,6 +183,29 @@ class DistCfg:
     sync_bn: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_min: float = 30.0
+    gradient_as_bucket_view: bool = True  # DDP: gradients live in the all-reduce buckets (no copy, less memory)
+    bucket_cap_mb: float = 25.0  # DDP all-reduce bucket size
+
+
+@dataclass
+class PerfCfg:
+    """Speed and memory switches (the two others are run.amp, bf16 on GPU, and model.channels_last).
+
+    compile: ``torch.compile`` of the model in place (attack and update passes; parameter names unchanged) with this
+    mode; ``reduce-overhead`` adds CUDA graphs (static shapes: keep drop_last batches and one image size).
+    fused_optimizer: auto = fused SGD kernels on CUDA under DDP, foreach elsewhere (timm's RMSpropTF has no fused
+    form).
+    activation_checkpointing: recompute each residual block in backward (``atscale.layers.checkpointing``) in the
+    optimizer's passes (``update``) or in the attack's passes too (``all``, the larger memory saving): less activation
+    memory and a larger batch per GPU for one more block forward per backward.
+    cudnn_benchmark / tf32: cuDNN autotuning for the fixed input shapes; TF32 matmuls and convolutions where fp32 is
+    left (run.amp=off)."""
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    activation_checkpointing: Literal["off", "update", "all"] = "off"
+    cudnn_benchmark: bool = True
+    tf32: bool = True
 
 
 @dataclass
@@ -193,6 +218,7 @@ class Config:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    perf: PerfCfg = field(default_factory=PerfCfg)
     log: LogCfg = field(default_factory=LogCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
@@ -245,6 +271,8 @@ _CHECKS: dict[str, Any] = {
     "eval.step": lambda v: v >= 0,
     "dist.grad_accum": lambda v: v >= 1,
     "dist.timeout_min": lambda v: v > 0,
+    "dist.bucket_cap_mb": lambda v: v > 0,
+    "data.batches_ahead": lambda v: v >= 1,
 }
 _CHECK_TEXT = {
     "data.rrc_scale": "two numbers 0 < lo <= hi <= 1",

@@ -23,6 +23,7 @@ from atscale.engine import evaluate
 from atscale.export import export_timm
 from atscale.layers.mixture_bn import set_default_domain
 from atscale.models import NormalizedModel, build_from_config
+from atscale.perf import set_backend_flags
 from atscale.report import results_table, suite_table
 from atscale.train import _load_model_state, eval_attacks, resolve_amp, write_eval
 
@@ -94,6 +95,7 @@ def eval_checkpoint(path: str | Path, *, attacks: str | None = None, eps: float 
         data = replace(cfg.data, root=data_root or cfg.data.root)
         read_meta(data.root)
         amp = resolve_amp(cfg.run.amp, dev)
+        set_backend_flags(cfg.perf, dev)
         loader = make_loader(data.root, "val", data, dev, cfg.run.seed, train=False,
                              channels_last=cfg.model.channels_last, rank=dist.rank(), world_size=dist.world_size())
         results = evaluate(model, loader, eval_attacks(ev, amp, cfg.run.seed), amp_dtype=amp,
@@ -148,6 +150,7 @@ def _eval_suite(path, dev, *, suite, eps, step, targeted, max_images, data_root,
                    defaults=(cfg.eval.eps, cfg.eval.step, cfg.eval.targeted)) if suite else None
     seed = cfg.run.seed if seed is None else seed
     amp = resolve_amp(cfg.run.amp, dev)
+    set_backend_flags(cfg.perf, dev)
     out_dir = Path(out) if out else Path(path).resolve().parent.parent / "eval" / (st.name if st else "shift")
     data = replace(cfg.data, root=data_root or cfg.data.root)
     domain = bn_domain or (cfg.model.eval_domain or (cfg.model.bn_domains[0] if cfg.model.bn_domains else None))

@@ -23,7 +23,17 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.optim.Optimizer:
+def use_fused(setting: str, optim_name: str, device: torch.device, engine: str = "ddp") -> bool:
+    """``perf.fused_optimizer``: auto = fused SGD kernels on CUDA (one launch for all parameters) under DDP, foreach
+    elsewhere (DeepSpeed steps its own flattened partitions: fused there only when asked for with ``on``)."""
+    if setting == "on" and optim_name != "sgd":
+        raise ValueError(f"perf.fused_optimizer = on needs optim.name = sgd (timm's RMSpropTF for optim.name = "
+                         f"{optim_name} has no fused form); use perf.fused_optimizer = auto or off")
+    return setting == "on" or (setting == "auto" and optim_name == "sgd" and device.type == "cuda" and engine == "ddp")
+
+
+def build_optimizer(model: nn.Module, optim_cfg, global_batch: int, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or RMSpropTF over ``param_groups``; ``fused`` picks torch's fused SGD kernels."""
     lr = optim_cfg.lr * global_batch / optim_cfg.ref_batch
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_norm_and_bias)
     if optim_cfg.name == "rmsprop_tf":
@@ -31,7 +41,8 @@ def build_optimizer(model: nn.Module, optim_cfg, global_batch: int) -> torch.opt
 
         return RMSpropTF(groups, lr=lr, alpha=optim_cfg.rmsprop_decay, eps=optim_cfg.rmsprop_eps,
                          momentum=optim_cfg.momentum)
-    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
+                           fused=True if fused else None)
 
 
 def lr_factor(step: int, steps_per_epoch: int, sched_cfg) -> float:

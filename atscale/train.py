@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ from atscale.data import ensure_dataset, make_loader
 from atscale.data.augment import AutoAugmentBatch
 from atscale.engine import evaluate, train_one_epoch
 from atscale.export import export_timm
+from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.models import build_from_config
 from atscale.objectives import build_objective
-from atscale.optim import build_optimizer, lr_factor, set_lr
+from atscale.optim import build_optimizer, lr_factor, set_lr, use_fused
+from atscale.perf import compile_model, set_backend_flags
 from atscale.report import plot_accuracy_vs_steps, plot_training, results_table, write_report
 from atscale.runlog import RunLog
 from atscale.updater import build_updater
@@ -83,6 +85,7 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     amp_dtype = resolve_amp(cfg.run.amp, device)
+    set_backend_flags(cfg.perf, device)
     rank, world = dist.rank(), dist.world_size()
     main_rank = rank == 0
     run_dir = cfg.run_dir
@@ -96,6 +99,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
 
     torch.manual_seed(cfg.run.seed)
     model = build_from_config(cfg.model, meta["num_classes"])
+    if cfg.perf.activation_checkpointing != "off":
+        enable_activation_checkpointing(model, attack=cfg.perf.activation_checkpointing == "all")
     if cfg.dist.sync_bn and world > 1:
         model = dist.convert_sync_bn(model, device)
     model = model.to(device)
@@ -120,7 +125,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         raise ValueError(f"data.batch_size = {cfg.data.batch_size} x dist.grad_accum = {accum} exceeds the "
                          f"{len(train_loader.loader.indices) // world} training images per rank; lower either")
     global_batch = cfg.data.batch_size * world * accum
-    optimizer = build_optimizer(model, cfg.optim, global_batch)
+    fused = use_fused(cfg.perf.fused_optimizer, cfg.optim.name, device, cfg.dist.engine)
+    optimizer = build_optimizer(model, cfg.optim, global_batch, fused)
     updater = build_updater(cfg.dist, model, optimizer, device, amp_dtype, cfg.data.batch_size)
     model = updater.model
     attack = build_attack(cfg.attack, amp_dtype, seed=cfg.run.seed + 1009 * rank)
@@ -130,6 +136,7 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     budget = AttackBudget(attack, cfg.attack.warmup_epochs)
     ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     stopper = EarlyStopping(cfg.eval.early_stop_patience)
+    compile_model(model, cfg.perf.compile)  # after the EMA copy: the average stays an eager module
     eval_model = ema.module if ema else model  # what quick checks, the final eval and export see
     loop_augment = None if cfg.objective.name == "advprop_fg" else augment  # fine-grained: the objective applies it
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.run.keep_last)
@@ -164,7 +171,8 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         log.write("start", step, device=str(device), amp=str(amp_dtype), steps_per_epoch=spe * objective.replays,
                   peak_lr=optimizer.param_groups[0]["lr"],
                   world_size=world, global_batch=global_batch, resumed_from=str(resume_from) if resume_from else None,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), channels_last=cfg.model.channels_last,
+                  fused_optimizer=bool(optimizer.defaults.get("fused")), perf=asdict(cfg.perf))
     quick = eval_attacks(cfg.eval, amp_dtype, cfg.run.seed, [cfg.eval.quick_steps]) if cfg.eval.every_epochs else {}
 
     def attack_eps() -> float:

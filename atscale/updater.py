@@ -4,8 +4,9 @@ Synchronized SGD as in Feature Denoising (Xie thesis Sec 4.5: 128 GPUs x 32 imag
 training loop only calls ``micro_batch(last)`` / ``backward(loss, last)``; the attack always runs on ``model`` (the
 unwrapped module, frozen parameters), so attack steps never trigger gradient synchronization in either engine.
 
-- ``DDPUpdater``: the model wrapped in DistributedDataParallel when distributed (plain otherwise); ``no_sync`` on all
-  but the last micro-batch of a step, loss scaled by 1/accum, torch GradScaler for fp16.
+- ``DDPUpdater``: the model wrapped in DistributedDataParallel when distributed (plain otherwise; gradients as views
+  into the all-reduce buckets by default, ``dist.gradient_as_bucket_view``); ``no_sync`` on all but the last
+  micro-batch of a step, loss scaled by 1/accum, torch GradScaler for fp16.
 - ``DeepSpeedUpdater``: a DeepSpeed engine (ZeRO stage 1 or 2) around the same model and optimizer, bf16/fp16 mixed
   precision with fp32 master weights on GPU; DeepSpeed divides by the accumulation steps and synchronizes at the
   boundary itself. Checkpoints go through ``engine.save_checkpoint`` (one optimizer partition per rank) into a folder
@@ -33,12 +34,13 @@ class DDPUpdater:
     engine = "ddp"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, accum: int,
-                 amp_dtype: torch.dtype | None):
+                 amp_dtype: torch.dtype | None, gradient_as_bucket_view: bool = True, bucket_cap_mb: float = 25.0):
         self.model, self.optimizer, self.accum = model, optimizer, accum
         self.module: nn.Module = model
         if dist.is_dist():
             self.module = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None)
+                model, device_ids=[device] if device.type == "cuda" else None,
+                gradient_as_bucket_view=gradient_as_bucket_view, bucket_cap_mb=bucket_cap_mb)
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         optimizer.zero_grad(set_to_none=True)
 
@@ -173,4 +175,5 @@ def build_updater(dist_cfg, model: nn.Module, optimizer: torch.optim.Optimizer, 
     if dist_cfg.engine == "deepspeed":
         return DeepSpeedUpdater(model, optimizer, device, dist_cfg.grad_accum, amp_dtype, micro_batch,
                                 dist_cfg.zero_stage)
-    return DDPUpdater(model, optimizer, device, dist_cfg.grad_accum, amp_dtype)
+    return DDPUpdater(model, optimizer, device, dist_cfg.grad_accum, amp_dtype, dist_cfg.gradient_as_bucket_view,
+                      dist_cfg.bucket_cap_mb)

@@ -7,9 +7,11 @@ tree; the FFCV side reads the .beton that ``atscale data imagefolder`` writes fr
 
     python benchmarks/data_path.py --images 2000 --workers 2 --save benchmarks/results/cpu-2core_data_path.json
 
-prints JSON: images/s of each loader over ``--epochs`` timed epochs (after one warm-up epoch), images/s per worker,
-and the ratio. ``ffcv_raw_uint8`` times FFCV's own uint8 batches without atscale's float conversion, channels_last copy
-and flip, which on CPU run in the main process (on GPU they run on the device after the transfer).
+prints JSON: images/s of each variant over ``--epochs`` timed epochs (after one warm-up epoch), images/s per worker,
+and the ratios. ``ffcv`` / ``torchvision``: float [0, 1] batches in the main process (what a CPU run trains on);
+``ffcv_uint8`` / ``torchvision_uint8``: uint8 batches (what a GPU run sends to the device, converting there);
+``ffcv_main_process_float``: FFCV's uint8 batches converted and flipped in the main process, atscale's CPU path
+before the conversion moved into FFCV's worker threads.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def time_loader(make_iter, epochs: int) -> dict:
     return {"images_per_epoch": n, "warmup_images": n_warm, "epoch_seconds": times, "img_per_s": n / best}
 
 
-def ffcv_iter(root: Path, args, raw: bool = False):
+def ffcv_iter(root: Path, args):
+    """atscale's training loader: float [0, 1] channels_last batches, seeded flips, each batch its own tensor."""
     from atscale.config import DataCfg
     from atscale.data import make_loader
 
@@ -73,18 +76,42 @@ def ffcv_iter(root: Path, args, raw: bool = False):
     def it():
         loader.set_epoch(epoch["i"])
         epoch["i"] += 1
-        if raw:  # FFCV's own uint8 batches, before atscale's float conversion / layout / flip in the main process
-            return iter(loader.loader)
         return iter(loader)
 
     return it
 
 
-def torchvision_iter(tree: Path, args):
+def ffcv_uint8_iter(root: Path, args, main_process_float: bool = False):
+    """FFCV decode + random-resized crop only: the uint8 NHWC batches a GPU run sends to the device. With
+    ``main_process_float``: then the float conversion, channels_last copy and where-flip in the main process, as
+    atscale's loader did on CPU before the conversion moved into FFCV's worker threads (the before of that change)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+    pipelines = {"image": [RandomResizedCropRGBImageDecoder((args.size, args.size), scale=(0.08, 1.0)), ToTensor(),
+                           ToTorchImage(channels_last=True)],
+                 "label": [IntDecoder(), ToTensor(), Squeeze()]}
+    loader = Loader(str(root / "train.beton"), batch_size=args.batch, num_workers=args.workers,
+                    order=OrderOption.RANDOM, drop_last=True, seed=0, pipelines=pipelines, os_cache=True)
+    g = torch.Generator().manual_seed(0)
+
+    def convert(batches):
+        for img, label in batches:
+            x = img.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            m = (torch.rand(x.shape[0], generator=g) < 0.5).view(-1, 1, 1, 1)
+            yield torch.where(m, x.flip(3), x), label
+
+    return (lambda: convert(iter(loader))) if main_process_float else (lambda: iter(loader))
+
+
+def torchvision_iter(tree: Path, args, uint8: bool = False):
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.RandomResizedCrop(args.size, scale=(0.08, 1.0)),
-                             transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+                             transforms.RandomHorizontalFlip(),
+                             transforms.PILToTensor() if uint8 else transforms.ToTensor()])
     ds = datasets.ImageFolder(str(tree / "train"), transform=tf)
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                      drop_last=True, persistent_workers=args.workers > 0, pin_memory=False)
@@ -115,18 +142,21 @@ def main(argv: list[str] | None = None) -> dict:
         build_imagefolder(tree, beton, jpeg_quality=90, workers=args.workers)
     out = {"benchmark": "data_path", "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "args": vars(args), "device": device_info(torch.device("cpu")), "loadavg_start": os.getloadavg(),
-           "setup": "same JPEG files (quality 90, 320-500 px a side); random-resized crop to size, flip, float [0,1] "
-                    "NCHW in the main process; workers = FFCV num_workers threads vs DataLoader worker processes; "
-                    "best of the timed epochs after one warm-up epoch"}
-    out["ffcv"] = time_loader(ffcv_iter(beton, args), args.epochs)
-    log(f"ffcv: {out['ffcv']['img_per_s']:.0f} img/s")
-    out["ffcv_raw_uint8"] = time_loader(ffcv_iter(beton, args, raw=True), args.epochs)
-    log(f"ffcv raw uint8 batches: {out['ffcv_raw_uint8']['img_per_s']:.0f} img/s")
-    out["torchvision"] = time_loader(torchvision_iter(tree, args), args.epochs)
-    log(f"torchvision: {out['torchvision']['img_per_s']:.0f} img/s")
-    for k in ("ffcv", "ffcv_raw_uint8", "torchvision"):
-        out[k]["img_per_s_per_worker"] = out[k]["img_per_s"] / max(1, args.workers)
+           "setup": "same JPEG files (quality 90, 320-500 px a side); random-resized crop to size, flip; float [0,1] "
+                    "NCHW batches (ffcv, torchvision) or uint8 batches as a GPU run transfers them (*_uint8); "
+                    "workers = FFCV num_workers threads vs DataLoader worker processes; best of the timed epochs "
+                    "after one warm-up epoch"}
+    variants = {"ffcv": ffcv_iter(beton, args), "torchvision": torchvision_iter(tree, args),
+                "ffcv_uint8": ffcv_uint8_iter(beton, args), "torchvision_uint8": torchvision_iter(tree, args, True),
+                "ffcv_main_process_float": ffcv_uint8_iter(beton, args, main_process_float=True)}
+    for name, make in variants.items():
+        out[name] = time_loader(make, args.epochs)
+        out[name]["img_per_s_per_worker"] = out[name]["img_per_s"] / max(1, args.workers)
+        log(f"{name}: {out[name]['img_per_s']:.0f} img/s")
     out["ratio_ffcv_over_torchvision"] = out["ffcv"]["img_per_s"] / out["torchvision"]["img_per_s"]
+    out["ratio_uint8_ffcv_over_torchvision"] = out["ffcv_uint8"]["img_per_s"] / out["torchvision_uint8"]["img_per_s"]
+    out["ratio_worker_float_over_main_process_float"] = \
+        out["ffcv"]["img_per_s"] / out["ffcv_main_process_float"]["img_per_s"]
     out["loadavg_end"] = os.getloadavg()
     return emit(out, args.save)
 

@@ -1,7 +1,7 @@
 """Cost of one feature-denoising block (Xie thesis Sec 4.4) vs one ResNet bottleneck block of the same stage.
 
-For each denoising op (gaussian, gaussian with 2x2 subsampling of the x_j, dot, bilateral_gaussian, bilateral_dot,
-mean, median, null) and each stage shape of ResNet-152 at 224 px (res3: 512 ch x 28x28, res4: 1024 ch x 14x14), times
+For each denoising op (gaussian with the fused attention kernel, gaussian as an explicit softmax matrix as the original
+TensorFlow code, gaussian with 2x2 subsampling of the x_j, dot, bilateral_gaussian, bilateral_dot, mean, median, null) and each stage shape of ResNet-152 at 224 px (res3: 512 ch x 28x28, res4: 1024 ch x 14x14), times
 forward + backward (gradients for the input and all parameters, BN in train mode) of an ``atscale.layers.denoise.
 DenoiseBlock`` and of timm's ``Bottleneck`` with the same input/output channels (planes = C/4, what R-152 stacks in that
 stage), on one synthetic batch; reports median seconds, the denoise/bottleneck time ratio and parameter counts.
@@ -38,7 +38,8 @@ from atscale.layers.denoise import DenoiseBlock
 from train_step import device_info, emit, sync  # benchmarks/ shares the device record
 
 STAGES = {"res2": (256, 56), "res3": (512, 28), "res4": (1024, 14), "res5": (2048, 7)}
-OPS = {"gaussian": {"op": "gaussian"}, "gaussian+subsample": {"op": "gaussian", "subsample": True},
+OPS = {"gaussian": {"op": "gaussian"}, "gaussian_explicit": {"op": "gaussian", "fused": False},
+       "gaussian+subsample": {"op": "gaussian", "subsample": True},
        "dot": {"op": "dot"}, "bilateral_gaussian": {"op": "bilateral_gaussian"},
        "bilateral_dot": {"op": "bilateral_dot"}, "mean": {"op": "mean"}, "median": {"op": "median"},
        "null": {"op": "null"}}

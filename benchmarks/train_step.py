@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +43,9 @@ from atscale.attacks.pgd import PGD
 from atscale.engine import autocast
 from atscale.models.factory import create_model
 from atscale.objectives import Madry
-from atscale.optim import param_groups
+from atscale.layers.checkpointing import enable_activation_checkpointing
+from atscale.optim import param_groups, use_fused
+from atscale.perf import compile_model
 
 EPS, STEP = 16 / 255, 1 / 255
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -65,6 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=["auto", "off", "bf16"], default="auto", help="ours only; auto = bf16 on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch default")
     p.add_argument("--which", choices=["both", "ours", "plain"], default="both")
+    p.add_argument("--compile", default="off", help="ours: perf.compile mode (off, default, reduce-overhead, ...)")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="ours: perf.fused_optimizer")
+    p.add_argument("--checkpointing", choices=["off", "update", "all"], default="off",
+                   help="ours: perf.activation_checkpointing")
+    p.add_argument("--no-channels-last", action="store_true", help="ours: model.channels_last off")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one step of ours (torch.profiler) and keep the N most expensive ops")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time ours with each switch flipped (amp, channels_last, fused, compile, checkpointing)")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict passed to timm.create_model")
     p.add_argument("--save", default=None, help="also write the JSON to this path")
     args = p.parse_args(argv)
@@ -122,16 +134,48 @@ def synthetic_batch(args: argparse.Namespace, device: torch.device) -> tuple[tor
     return x, y
 
 
-def build_ours(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
+@dataclass(frozen=True)
+class Switches:
+    """The ``perf`` / ``run.amp`` / ``model.channels_last`` settings of one "ours" variant."""
+
+    amp_dtype: torch.dtype | None
+    channels_last: bool = True
+    compile: str = "off"
+    fused: bool = False
+    checkpointing: str = "off"  # off | update | all
+
+    def describe(self) -> dict[str, Any]:
+        return {"amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+                "channels_last": self.channels_last, "compile": self.compile, "fused_optimizer": self.fused,
+                "activation_checkpointing": self.checkpointing}
+
+
+def ablations(base: Switches) -> dict[str, Switches]:
+    """``base`` with one switch flipped at a time (amp only where bf16 is on: bf16 on CPU is emulated, not a speedup)."""
+    out = {"channels_last": replace(base, channels_last=not base.channels_last),
+           "fused_optimizer": replace(base, fused=not base.fused),
+           "compile": replace(base, compile="off" if base.compile != "off" else "default"),
+           "activation_checkpointing": replace(base, checkpointing="all" if base.checkpointing == "off" else "off")}
+    if base.amp_dtype is not None:
+        out["amp"] = replace(base, amp_dtype=None)
+    return out
+
+
+def build_ours(args: argparse.Namespace, device: torch.device, sw: Switches,
                x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     torch.manual_seed(0)
+    amp_dtype = sw.amp_dtype
     model = create_model(args.model, args.num_classes, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
-                         args.model_kwargs, channels_last=True).to(device)
+                         args.model_kwargs, channels_last=sw.channels_last).to(device)
+    if sw.checkpointing != "off":
+        enable_activation_checkpointing(model, attack=sw.checkpointing == "all")
+    compile_model(model, sw.compile)
     model.train()
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last if sw.channels_last else torch.contiguous_format)
     attack = PGD(EPS, STEP, args.attack_steps, targeted=True, clean_start_prob=0.2, amp_dtype=amp_dtype)
     objective = Madry()
-    opt = torch.optim.SGD(param_groups(model, WEIGHT_DECAY, False), lr=LR, momentum=MOMENTUM, nesterov=True)
+    opt = torch.optim.SGD(param_groups(model, WEIGHT_DECAY, False), lr=LR, momentum=MOMENTUM, nesterov=True,
+                          fused=True if sw.fused else None)
 
     def step() -> float:
         x_adv = attack(model, x, y)
@@ -207,6 +251,24 @@ def measure(name: str, make: Callable[[], Callable[[], float]], args: argparse.N
     return res
 
 
+def profile_step(step: Callable[[], float], device: torch.device, top: int) -> dict[str, Any]:
+    """One profiled step after the timed ones: the ``top`` ops by self time, and the share of the step they take."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()  # warm: autotuning, compilation, allocator
+    sync(device)
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return {"sorted_by": key, "total_ms": total / 1e3,
+            "top": [{"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+                    for e in events[:top]]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads > 0:
@@ -217,23 +279,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = torch.device(args.device)
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_bf16 else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # both loops: fixed shapes (perf.cudnn_benchmark)
+    sw = Switches(amp_dtype, channels_last=not args.no_channels_last, compile=args.compile,
+                  fused=use_fused(args.fused, "sgd", device), checkpointing=args.checkpointing)
     x, y = synthetic_batch(args, device)
     log(f"{args.model} batch {args.batch} {args.image_size}px PGD-{args.attack_steps} on {device} "
-        f"({torch.get_num_threads()} threads), ours amp={amp_dtype}")
+        f"({torch.get_num_threads()} threads), ours {sw.describe()}")
 
     out: dict[str, Any] = {
         "benchmark": "train_step", "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args), "data": "synthetic", "device": device_info(device), "loadavg_start": os.getloadavg(),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "setup": {"eps": EPS * 255, "step": STEP * 255, "attack_steps": args.attack_steps,
-                  "ours": {"amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-                           "channels_last": True, "attack_bn": "eval", "attack_param_grads": False,
+                  "ours": {**sw.describe(), "attack_bn": "eval", "attack_param_grads": False,
                            "targeted": True, "clean_start_prob": 0.2},
                   "plain": {"amp_dtype": "fp32", "channels_last": False, "attack_bn": "train",
                             "attack_param_grads": True, "targeted": False, "clean_start_prob": 0.0}},
     }
     if args.which in ("both", "ours"):
-        out["ours"] = measure("ours", lambda: build_ours(args, device, amp_dtype, x, y), args, device)
+        out["ours"] = measure("ours", lambda: build_ours(args, device, sw, x, y), args, device)
+        if args.profile:
+            out["ours"]["profile"] = profile_step(build_ours(args, device, sw, x, y), device, args.profile)
+    if args.ablate:
+        out["ablations"] = {}
+        for name, variant in ablations(sw).items():
+            res = measure(f"ours {name} flipped", lambda: build_ours(args, device, variant, x, y), args, device)
+            res.update(switches=variant.describe(), ours_over_this=out["ours"]["img_per_s"] / res["img_per_s"])
+            out["ablations"][name] = res
     if args.which in ("both", "plain"):
         out["plain"] = measure("plain", lambda: build_plain(args, device, x, y), args, device)
     out["loadavg_end"] = os.getloadavg()

@@ -3,6 +3,7 @@ counted, digits split, seeded order, loader output format, and clear errors for 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,24 @@ def test_train_loader_order_is_seeded_per_epoch_and_decodes_uint8_to_unit_range(
     assert torch.allclose(x * 255, (x * 255).round(), atol=1e-3)  # exactly uint8 levels / 255
     x2, _ = next(iter(loader))
     assert torch.equal(x, x2)  # flips come from a seeded generator
+
+
+def test_flips_mirror_a_seeded_half_and_held_batches_stay_valid(digits_root: Path) -> None:
+    """Every yielded batch is its own tensor (FFCV reuses its buffers): holding a whole epoch keeps each batch intact;
+    flipping mirrors about half of the images of each batch and leaves the others untouched."""
+    cfg = DataCfg(root=str(digits_root), batch_size=50, image_size=32, train_crop="center", val_crop_ratio=1.0,
+                  flip=False)
+    plain = list(make_loader(digits_root, "train", cfg, torch.device("cpu"), 0, train=True))
+    flipped = list(make_loader(digits_root, "train", replace(cfg, flip=True), torch.device("cpu"), 0, train=True))
+    again = next(iter(make_loader(digits_root, "train", cfg, torch.device("cpu"), 0, train=True)))
+    assert torch.equal(plain[0][0], again[0]) and len({x.data_ptr() for x, _ in plain}) == len(plain)
+    fractions = []
+    for (a, ya), (b, yb) in zip(plain, flipped):
+        assert torch.equal(ya, yb) and b.is_contiguous(memory_format=torch.channels_last)
+        same, mirrored = (b == a).flatten(1).all(1), (b == a.flip(3)).flatten(1).all(1)
+        assert bool((same | mirrored).all())
+        fractions.append((mirrored & ~same).float().mean().item())
+    assert 0.35 < sum(fractions) / len(fractions) < 0.65
 
 
 def test_missing_dataset_error_names_the_fix(tmp_path: Path) -> None:

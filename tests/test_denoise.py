@@ -95,11 +95,13 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
 # ----------------------------------------------------------------------------------------------------------- ops
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("subsample", [False, True])
 @pytest.mark.parametrize("use_embed", [True, False])
-def test_gaussian_nonlocal_matches_softmax_formula(subsample: bool, use_embed: bool) -> None:
+def test_gaussian_nonlocal_matches_softmax_formula(subsample: bool, use_embed: bool, fused: bool) -> None:
+    """Both kernels (fused attention, explicit softmax matrix) compute Eqn. 4.1."""
     torch.manual_seed(0)
-    op = NonLocalMeans(C, "gaussian", embed=use_embed, subsample=subsample).double()
+    op = NonLocalMeans(C, "gaussian", embed=use_embed, subsample=subsample, fused=fused).double()
     if use_embed:
         assert op.theta.out_channels == C // 2 and op.phi.out_channels == C // 2
         for conv in (op.theta, op.phi):

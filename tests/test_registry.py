@@ -201,6 +201,19 @@ def test_act_kwarg_overrides_the_activation() -> None:
     assert not any(isinstance(m, nn.SiLU) for m in net.modules())
 
 
+def test_denoise_fused_is_a_runtime_switch_with_the_same_function() -> None:
+    fused = registry.resnet50_denoise(num_classes=5, **TINY).eval()
+    explicit = registry.resnet50_denoise(num_classes=5, denoise_fused=False, **TINY).eval()
+    ops = [m for m in explicit.modules() if type(m).__name__ == "NonLocalMeans"]
+    assert len(ops) == 4 and not any(op.fused for op in ops)
+    assert "denoise_fused" not in explicit._model_args
+    perturb(fused)  # nonzero denoise-block BN gammas: the non-local ops then shape the output
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(x), fused(x), rtol=1e-4, atol=1e-5)
+
+
 def test_direct_entrypoint_call_records_model_args() -> None:
     net = registry.resnet50_denoise(num_classes=5, denoise_op="mean", act="celu", grad_checkpointing=True, **TINY)
     assert net._model_args == {"num_classes": 5, "denoise_op": "mean", "act": "celu", **TINY}

@@ -1,4 +1,5 @@
-"""FFCV loaders: JPEG/raw decode + crop in FFCV, uint8 to the device, then float [0, 1] channels_last there.
+"""FFCV loaders: JPEG/raw decode + crop in FFCV; on GPU uint8 to the device and float [0, 1] channels_last there, on
+CPU the float conversion in FFCV's worker threads. FFCV decodes ``data.batches_ahead`` batches ahead in the background.
 
 Train: random-resized crop (or center crop) and a horizontal flip drawn from a torch generator seeded by
 (seed, epoch, batch), so flips are reproducible and a resumed epoch sees the same flips. The sample order is FFCV's,
@@ -54,18 +55,27 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _flip_mask(self, n: int, batch_idx: int) -> torch.Tensor:
+    def _flip_index(self, n: int, batch_idx: int) -> torch.Tensor:
+        """Indices of the images to mirror, drawn on the CPU from (seed, epoch, batch) and sent to the device."""
         g = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + batch_idx)
-        return (torch.rand(n, generator=g) < 0.5).to(self.device, non_blocking=True)
+        return (torch.rand(n, generator=g) < 0.5).nonzero().view(-1).to(self.device, non_blocking=True)
+
+    def _to_float(self, img: torch.Tensor) -> torch.Tensor:
+        """A float [0, 1] batch of our own: FFCV reuses its output buffers, so every yielded batch is a fresh tensor."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        img = img.to(self.device, non_blocking=True)
+        if img.dtype == torch.uint8:  # GPU: uint8 crossed the bus (4x fewer bytes); one conversion kernel there
+            return torch.empty(img.shape, dtype=torch.float32, device=img.device, memory_format=fmt) \
+                .copy_(img).div_(255.0)
+        return img.clone(memory_format=fmt)  # CPU: FFCV's worker threads already converted (NormalizeImage)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.loader.next_epoch = self.epoch
         for i, (img, label) in enumerate(self.loader):
-            x = img.to(self.device, non_blocking=True).float().div_(255.0)
-            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            x = self._to_float(img)
             if self.flip:
-                m = self._flip_mask(x.shape[0], i).view(-1, 1, 1, 1)
-                x = torch.where(m, x.flip(3), x)
+                idx = self._flip_index(x.shape[0], i)
+                x[idx] = x[idx].flip(3)
             # FFCV reuses its batch buffers: copy the labels so a batch stays valid after the next one is read
             yield x, label.to(self.device, torch.long, non_blocking=True, copy=True).view(-1)
 
@@ -78,7 +88,7 @@ def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, se
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     path = Path(root) / f"{split}.beton"
     if train and data_cfg.train_crop == "random_resized":
@@ -87,8 +97,13 @@ def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, se
     else:
         size = data_cfg.image_size if train else data_cfg.val_size
         decoder = CenterCropRGBImageDecoder((size, size), ratio=data_cfg.val_crop_ratio)
+    if device.type == "cuda":  # uint8 to the device, converted there
+        image_ops = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    else:  # float [0, 1] in FFCV's parallel worker threads (a lookup table, exactly x / 255), not the main process
+        image_ops = [NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor(),
+                     ToTorchImage(channels_last=True)]
     to_dev = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
-    pipelines = {"image": [decoder, ToTensor(), *to_dev, ToTorchImage(channels_last=True)],
+    pipelines = {"image": [decoder, *image_ops],
                  "label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev]}
     indices = None
     if not train and world_size > 1:
@@ -98,6 +113,7 @@ def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, se
     loader = Loader(str(path), batch_size=data_cfg.batch_size if train else data_cfg.eval_batch_size,
                     num_workers=data_cfg.num_workers,
                     order=_sharded_order(rank, world_size) if train else OrderOption.SEQUENTIAL,
-                    drop_last=train, seed=seed, indices=indices, pipelines=pipelines, os_cache=True)
+                    drop_last=train, seed=seed, indices=indices, pipelines=pipelines, os_cache=True,
+                    batches_ahead=data_cfg.batches_ahead)
     return DeviceLoader(loader, device, flip=train and data_cfg.flip, seed=seed + 7919 * rank,
                         channels_last=channels_last)

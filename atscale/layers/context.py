@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 _ATTACK: ContextVar[bool] = ContextVar("atscale_attack_pass", default=False)
 _DOMAIN: ContextVar[str | None] = ContextVar("atscale_bn_domain", default=None)
@@ -75,3 +75,24 @@ def domain_split(*parts: tuple[str, int]) -> Iterator[None]:
 
 def bn_split() -> tuple[tuple[str, int], ...] | None:
     return _SPLIT.get()
+
+
+_ALL = (_ATTACK, _DOMAIN, _EVAL, _SPLIT)
+
+
+def snapshot() -> Callable[[], ContextManager[None]]:
+    """The pass state now, as a factory of context managers that re-enter it later: activation checkpointing
+    recomputes a block's forward inside the backward pass, where the attack pass, BN domain or split that the
+    original forward saw may no longer be set (``atscale.layers.checkpointing``)."""
+    values = [(var, var.get()) for var in _ALL]
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[None]:
+        tokens = [(var, var.set(v)) for var, v in values]
+        try:
+            yield
+        finally:
+            for var, token in reversed(tokens):
+                var.reset(token)
+
+    return restore

@@ -66,17 +66,21 @@ def subsample_keys(x: Tensor) -> Tensor:
     return F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
 
 
-def nonlocal_gaussian(theta: Tensor, phi: Tensor, value: Tensor) -> Tensor:
+def nonlocal_gaussian(theta: Tensor, phi: Tensor, value: Tensor, fused: bool = True) -> Tensor:
     """Gaussian (softmax) non-local means, Xie thesis Sec 4.4.2 Eqn. 4.1.
 
     ``y_i = sum_j softmax_j(theta_i . phi_j / sqrt(d)) value_j`` with theta (B, d, H, W), phi (B, d, h, w) and value
-    (B, C, h, w); returns (B, C, H, W). One fused ``scaled_dot_product_attention`` call whose default scale
-    1/sqrt(d) is the paper's.
+    (B, C, h, w); returns (B, C, H, W). ``fused``: one ``scaled_dot_product_attention`` call (flash / memory-efficient
+    kernels on GPU, no (N, M) weight matrix kept) whose default scale 1/sqrt(d) is the paper's; otherwise the
+    explicit softmax over the (N, M) matrix, as the original TensorFlow implementation (the measured baseline).
     """
     b, _, h, w = theta.shape
     dtype = _compute_dtype(theta, phi, value)
     q, k, v = (_tokens(t).unsqueeze(1).to(dtype) for t in (theta, phi, value))
-    y = F.scaled_dot_product_attention(q, k, v)
+    if fused:
+        y = F.scaled_dot_product_attention(q, k, v)
+    else:
+        y = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
     return y.squeeze(1).transpose(1, 2).reshape(b, value.shape[1], h, w)
 
 
@@ -200,17 +204,18 @@ class NonLocalMeans(_Embedded):
     max-pool subsampling of the keys/values x_j (Sec 4.6.2)."""
 
     def __init__(self, channels: int, kind: Literal["gaussian", "dot"] = "gaussian", embed: bool | None = None,
-                 subsample: bool = False):
+                 subsample: bool = False, fused: bool = True):
         if kind not in NONLOCAL_OPS:
             raise ValueError(f"non-local kind must be one of {NONLOCAL_OPS}, got '{kind}'")
         super().__init__(channels, kind == "gaussian" if embed is None else embed)
-        self.kind, self.subsample = kind, subsample
+        self.kind, self.subsample, self.fused = kind, subsample, fused
 
     def forward(self, x: Tensor) -> Tensor:
         keys = subsample_keys(x) if self.subsample else x
         theta, phi = self.embeddings(x, keys)
-        fn = nonlocal_gaussian if self.kind == "gaussian" else nonlocal_dot
-        return fn(theta, phi, keys)
+        if self.kind == "gaussian":
+            return nonlocal_gaussian(theta, phi, keys, self.fused)
+        return nonlocal_dot(theta, phi, keys)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kind={self.kind}, embed={self.embed}, subsample={self.subsample}"
@@ -259,12 +264,13 @@ class MedianFilter(MeanFilter):
         return median_filter(x, self.kernel_size)
 
 
-def make_denoise_op(op: str, channels: int, embed: bool | None = None, subsample: bool = False) -> nn.Module:
+def make_denoise_op(op: str, channels: int, embed: bool | None = None, subsample: bool = False,
+                    fused: bool = True) -> nn.Module:
     """The denoising operation ``op`` (one of ``DENOISE_OPS``) for ``channels``-channel features (Xie thesis Sec 4.4.2).
 
     ``embed=None`` is the paper's choice: theta/phi embeddings for the Gaussian versions, none for the dot-product
     versions; ``embed=True`` is refused for ops without weights to embed (mean, median, null). ``subsample`` (Sec
-    4.6.2) only applies to the non-local ops.
+    4.6.2) only applies to the non-local ops; ``fused`` picks the Gaussian non-local op's attention kernel.
     """
     _check_op(op)
     if subsample and op not in NONLOCAL_OPS:
@@ -273,7 +279,7 @@ def make_denoise_op(op: str, channels: int, embed: bool | None = None, subsample
     if embed and op in ("mean", "median", "null"):
         raise ValueError(f"embed=True needs an op with pairwise weights (gaussian, dot, bilateral_*), not '{op}'")
     if op in NONLOCAL_OPS:
-        return NonLocalMeans(channels, op, embed, subsample)
+        return NonLocalMeans(channels, op, embed, subsample, fused)
     if op.startswith("bilateral_"):
         return BilateralFilter(channels, op.removeprefix("bilateral_"), embed)
     if op == "mean":
@@ -295,10 +301,11 @@ class DenoiseBlock(nn.Module):
 
     def __init__(self, channels: int, op: str = "gaussian", embed: bool | None = None, use_conv: bool = True,
                  residual: bool = True, subsample: bool = False,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, zero_init: bool | None = None):
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, zero_init: bool | None = None,
+                 fused: bool = True):
         super().__init__()
         self.channels, self.op_name, self.use_conv, self.residual = channels, op, use_conv, residual
-        self.op = make_denoise_op(op, channels, embed, subsample)
+        self.op = make_denoise_op(op, channels, embed, subsample, fused)
         if use_conv:
             self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")

@@ -32,8 +32,12 @@ Keyword arguments accepted by every registered model, on top of timm ``ResNet``'
   ``denoise_embed``, ``denoise_subsample``, ``denoise_use_conv``, ``denoise_residual``: the denoising blocks of
   Sec 4.4-4.6 (``DenoiseBlock``), on any registered model (ablations). Overriding ``denoise_op`` of an ``_all`` model
   with an op that is not non-local drops its default subsampling unless ``denoise_subsample`` is given.
-- ``grad_checkpointing=True``: ``model.set_grad_checkpointing(True)`` at creation (per residual block); a runtime
-  option, left out of the recorded model arguments, so it never reaches an exported ``config.json``.
+- ``grad_checkpointing=True``: ``model.set_grad_checkpointing(True)`` at creation (timm's, per residual block); a
+  runtime option, left out of the recorded model arguments, so it never reaches an exported ``config.json``. Training
+  runs should prefer ``perf.activation_checkpointing`` (``atscale.layers.checkpointing``): it also restores the pass
+  state and the BN running statistics around the recomputation, and works for any timm ResNet / EfficientNet.
+- ``denoise_fused=False``: the Gaussian non-local op as an explicit softmax over the (N, M) matrix instead of one
+  fused attention kernel (a runtime option for the speed comparison; same weights, same function).
 
 Export: timm's ``create_model`` records the creation kwargs in ``model._model_args`` and ``save_for_hf`` writes them as
 ``model_args``; the entrypoints here also record them when called directly, so the round trip rebuilds the same
@@ -76,8 +80,8 @@ res4, the 14x14 stage that ResNet-101/152 deepen too. Override with ``layers=``.
 """
 
 DENOISE_KWARGS: tuple[str, ...] = ("denoise_op", "denoise_placement", "denoise_embed", "denoise_subsample",
-                                   "denoise_use_conv", "denoise_residual")
-RUNTIME_KWARGS: tuple[str, ...] = ("grad_checkpointing",)
+                                   "denoise_use_conv", "denoise_residual", "denoise_fused")
+RUNTIME_KWARGS: tuple[str, ...] = ("grad_checkpointing", "denoise_fused")
 _NOT_MODEL_ARGS = frozenset(RUNTIME_KWARGS + ("device", "dtype", "pretrained_model_args", "pretrained_cfg",
                                               "pretrained_cfg_overlay", "cache_dir"))
 
@@ -96,12 +100,13 @@ class AtscaleResNet(ResNet):
 
     def __init__(self, *args: Any, denoise_op: str | None = None, denoise_placement: str = "stage_end",
                  denoise_embed: bool | None = None, denoise_subsample: bool = False, denoise_use_conv: bool = True,
-                 denoise_residual: bool = True, **kwargs: Any) -> None:
+                 denoise_residual: bool = True, denoise_fused: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.denoise_op = denoise_op
         if denoise_op is not None:
             block_kwargs: dict[str, Any] = {"embed": denoise_embed, "subsample": denoise_subsample,
-                                            "use_conv": denoise_use_conv, "residual": denoise_residual}
+                                            "use_conv": denoise_use_conv, "residual": denoise_residual,
+                                            "fused": denoise_fused}
             if kwargs.get("norm_layer") is not None:
                 block_kwargs["norm_layer"] = get_norm_layer(kwargs["norm_layer"])
             insert_denoise(self, op=denoise_op, placement=denoise_placement, **block_kwargs)

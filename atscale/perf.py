@@ -1,0 +1,40 @@
+"""Speed switches of the ``perf`` config section that act on torch itself: cuDNN autotuning, TF32, ``torch.compile``.
+
+Adversarial training runs (2k+3) forward-equivalents per image for PGD-k (Xie thesis Sec 4.5: PGD-30 on ResNet-152 took
+52 hours on 128 V100s), so the step's speed is the time to a robust model. The other switches live where they act:
+bf16 autocast (``run.amp``, ``atscale.engine.autocast``), channels_last (``model.channels_last``), frozen parameters
+during the attack (``atscale.attacks.base.attack_mode``), fused optimizer (``atscale.optim.build_optimizer``), DDP
+bucket views (``atscale.updater``), activation checkpointing (``atscale.layers.checkpointing``), FFCV prefetch
+(``data.batches_ahead``). ``benchmarks/train_step.py`` and ``benchmarks/mfu.py`` measure each.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# compiled graphs per module: train / eval BN x attack (frozen parameters) / update x Mixture BN domains and splits
+RECOMPILE_LIMIT = 64
+
+
+def set_backend_flags(perf_cfg, device: torch.device) -> None:
+    """cuDNN autotuning for the fixed input shapes of a run, and TF32 for what stays in fp32 (on CUDA only)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = bool(perf_cfg.cudnn_benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = bool(perf_cfg.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(perf_cfg.tf32)
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile`` the model in place (``nn.Module.compile``: the attack and the optimizer both call the same
+    module; parameter names and checkpoints are unchanged). ``mode`` is one of ``COMPILE_MODES``, or ``off``."""
+    if mode == "off":
+        return model
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"perf.compile = '{mode}' is unknown; allowed: off, {', '.join(COMPILE_MODES)}")
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    model.compile(mode=mode, dynamic=False)
+    return model
