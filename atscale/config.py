@@ -399,6 +399,12 @@ def _validate(cfg: Config) -> None:
     if cfg.data.phases and last < cfg.schedule.epochs:
         raise ConfigError(f"data.phases end at epoch {last} but schedule.epochs = {cfg.schedule.epochs}; the last "
                           "phase's until_epoch must reach schedule.epochs")
+    if cfg.perf.compile != "off" and cfg.perf.activation_checkpointing != "off":
+        raise ConfigError("perf.compile with perf.activation_checkpointing is not supported: torch.compile cannot trace "
+                          "the checkpoint's recomputation context (pass state, BN statistics); turn one of them off")
+    if cfg.perf.compile == "reduce-overhead" and cfg.data.phases:
+        raise ConfigError("perf.compile = reduce-overhead records CUDA graphs for fixed shapes, but data.phases change "
+                          "the image or batch size; use perf.compile = default or drop data.phases")
     if cfg.dist.engine == "deepspeed" and any("batch_size" in ph for ph in cfg.data.phases):
         raise ConfigError("data.phases with batch_size changes the per-GPU batch, which a DeepSpeed engine fixes at "
                           "start; use dist.engine=ddp or keep one batch_size")

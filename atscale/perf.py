@@ -33,8 +33,13 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
         return model
     if mode not in COMPILE_MODES:
         raise ValueError(f"perf.compile = '{mode}' is unknown; allowed: off, {', '.join(COMPILE_MODES)}")
+    if not hasattr(model, "compile"):
+        raise RuntimeError(f"perf.compile = '{mode}' needs torch >= 2.2 (nn.Module.compile); this is torch "
+                           f"{torch.__version__}: upgrade torch or set perf.compile = off")
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
     model.compile(mode=mode, dynamic=False)
     return model

@@ -147,6 +147,9 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
         state = load_checkpoint(resume_from, map_location=device)
         _load_model_state(model, state["model"], str(resume_from), cfg)
         updater.load_state(state, resume_from.parent)
+        for g in updater.optimizer.param_groups:  # the run's perf.fused_optimizer, not the checkpoint's
+            if "fused" in g:
+                g["fused"], g["foreach"] = (True, False) if fused else (None, None)
         attack.load_state_dict(state.get("attack", {}))
         if augment is not None:
             augment.load_state_dict(state.get("augment", {}))
@@ -172,7 +175,7 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
                   peak_lr=optimizer.param_groups[0]["lr"],
                   world_size=world, global_batch=global_batch, resumed_from=str(resume_from) if resume_from else None,
                   threads=torch.get_num_threads(), channels_last=cfg.model.channels_last,
-                  fused_optimizer=bool(optimizer.defaults.get("fused")), perf=asdict(cfg.perf))
+                  fused_optimizer=bool(updater.optimizer.param_groups[0].get("fused")), perf=asdict(cfg.perf))
     quick = eval_attacks(cfg.eval, amp_dtype, cfg.run.seed, [cfg.eval.quick_steps]) if cfg.eval.every_epochs else {}
 
     def attack_eps() -> float:

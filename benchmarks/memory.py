@@ -17,9 +17,9 @@ Nesterov SGD; bf16 autocast + channels_last + fused SGD on CUDA, fp32 on CPU):
 
 The checkpointing saving is ``peak_off / peak_on`` of the step's own memory (CUDA: peak minus the memory held between
 steps; CPU: peak RSS minus the baseline). Checkpointing keeps only each residual block's input and recomputes its
-inside during backward; its price is the step time, reported next to the peak (``time_on_over_off``). The attack
-never holds parameter gradients nor train-mode BN activations, so the step's peak is in the update (its forward's
-activations while the previous step's gradients are still held, then its backward) and hardly depends on k
+inside during backward; its price is the step time, reported next to the peak (``time_on_over_off``). For Madry
+training an attack pass keeps as many activations as the update's forward, so the peak is set by the attack's passes
+as much as by the update: ``update`` alone saves little there, ``all`` saves the most. The peak hardly depends on k
 (``--attack-steps``, default 1). Deep adversarial models are memory-bound: the denoising ResNet-152 of Xie thesis
 Sec 4.5 trained with 32 images per GPU (PGD-30, 52 hours on 128 V100s).
 
@@ -49,7 +49,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from atscale.optim import use_fused  # noqa: E402
-from train_step import Switches, build_ours, device_info, emit, log, measure, synthetic_batch, sync  # noqa: E402
+from train_step import (Switches, build_ours, device_info, emit, log, measure, setup_device,  # noqa: E402
+                        synthetic_batch, sync)
 
 GIB = 2**30
 # fixed (not adaptive) glibc mmap threshold in the CPU children: tensors above 128 KiB are returned to the kernel when
@@ -91,7 +92,9 @@ def row_ns(args: argparse.Namespace, model: str, batch: int, iters: int = 1, war
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")))
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                                                                  "CUDNN_STATUS_ALLOC_FAILED",
+                                                                  "CUDNN_STATUS_NOT_SUPPORTED")))
 
 
 def free(device: torch.device) -> None:
@@ -186,7 +189,10 @@ def run_cuda(args: argparse.Namespace, device: torch.device, model: str, ckpt: s
     except Exception as e:  # noqa: BLE001
         row["peak_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     free(device)
-    row.update(largest_batch(args, device, sw, model))
+    try:
+        row.update(largest_batch(args, device, sw, model))
+    except Exception as e:  # noqa: BLE001  (keep the peak measured above; say why the search stopped)
+        row["search_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
 
 
@@ -292,12 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args._child is not None:
         print(json.dumps(child(json.loads(args._child))), flush=True)
         return None
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = setup_device(args.device, args.threads)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     log(f"{args.models} x checkpointing {args.checkpointing}, batch {args.batch} {args.image_size}px "
         f"PGD-{args.attack_steps} on {device}")
     out: dict[str, Any] = {

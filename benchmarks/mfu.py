@@ -26,8 +26,10 @@ Feature Denoising work took 52 hours on 128 V100 GPUs (Xie thesis Sec 4.5).
 
     python benchmarks/mfu.py --save benchmarks/results/h100_mfu.json                     # defaults: 5 models x k=1,3,10
     python benchmarks/mfu.py --models resnet50 --attack-steps 1,3,10 --batch 256 --compile default
-    python benchmarks/mfu.py --models resnet50,resnet152 --attack-steps 3 --batch 8 --image-size 64 --iters 2 \\
-        --threads 2 --save benchmarks/results/cpu-2core_mfu_64px.json
+    python benchmarks/mfu.py --batch 16 --image-size 64 --iters 3 --warmup 1 --threads 2 \\
+        --save benchmarks/results/cpu-2core_mfu_64px.json
+    python benchmarks/mfu.py --flops-only --models resnet152,resnet152_denoise,resnet50,resnet50_denoise \\
+        --save benchmarks/results/flops_224px.json
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from atscale.models.factory import create_model  # noqa: E402
 from atscale.optim import use_fused  # noqa: E402
 from train_step import (Switches, build_ours, build_plain, device_info, emit, log, measure,  # noqa: E402
-                        synthetic_batch, sync)
+                        setup_device, synthetic_batch, sync)
 
 DEFAULT_MODELS = "resnet50,resnet152,resnet152_denoise,resnext101_32x8d,efficientnet_b0"
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name; first match wins
@@ -80,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak in TFLOP/s (overrides table/measure)")
     p.add_argument("--targets", action=argparse.BooleanOptionalAction, default=True,
                    help="record the issue's throughput targets (met or not) under 'targets'")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only count forward FLOPs (meta device, no timing); denoise models also with key subsampling")
     p.add_argument("--save", default=None, help="also write the JSON to this path")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -89,14 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def forward_gflops(model_name: str, image_size: int, num_classes: int, device: torch.device) -> tuple[float, str]:
+def forward_gflops(model_name: str, image_size: int, num_classes: int, device: torch.device,
+                   kwargs: dict[str, Any] | None = None) -> tuple[float, str]:
     """F per image in GFLOPs (2 per multiply-add), one eval forward of batch 2; on the meta device (no compute) unless
     the model cannot run there. Returns (gflops, where it was counted)."""
     for where in ("meta", device.type):
         try:
             with torch.device(where):
-                model = create_model(model_name, num_classes, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, {},
-                                     channels_last=True).eval()
+                model = create_model(model_name, num_classes, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                     kwargs or {}, channels_last=True).eval()
                 x = torch.rand(2, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 model(x)
@@ -247,16 +252,31 @@ def table_md(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def count_only(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Forward GFLOPs per image of each model (and of each denoise model with 2x2 key subsampling, Xie thesis Sec
+    4.6.2), with each model's ratio to the first model listed: the arithmetic floor of a step-time ratio."""
+    from atscale.models.registry import DENOISE_MODELS
+
+    rows = []
+    for model in args.models:
+        for kwargs in ([{}, {"denoise_subsample": True}] if model in DENOISE_MODELS else [{}]):
+            gflops, where = forward_gflops(model, args.image_size, args.num_classes, device, kwargs)
+            rows.append({"model": model, "kwargs": kwargs, "fwd_gflops_per_image": gflops, "counted_on": where})
+    for r in rows:
+        r["ratio_to_first"] = r["fwd_gflops_per_image"] / rows[0]["fwd_gflops_per_image"]
+    out = {"benchmark": "flops", "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "args": vars(args), "counter": "torch.utils.flop_counter.FlopCounterMode, 2 FLOPs per multiply-add, "
+           "eval-mode forward", "versions": {"torch": torch.__version__, "timm": timm.__version__}, "rows": rows}
+    for r in rows:
+        log(f"{r['model']} {r['kwargs'] or ''}: {r['fwd_gflops_per_image']:.2f} GFLOPs ({r['ratio_to_first']:.2f}x)")
+    return emit(out, args.save)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # both loops: fixed shapes (perf.cudnn_benchmark)
+    device = setup_device(args.device, args.threads)
+    if args.flops_only:
+        return count_only(args, device)
     sw = Switches(torch.bfloat16 if device.type == "cuda" else None, channels_last=True, compile=args.compile,
                   fused=use_fused("auto", "sgd", device))
     peak = device_peak(device, args.peak_tflops)

@@ -40,12 +40,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from atscale.attacks.pgd import PGD
+from atscale.config import PerfCfg
 from atscale.engine import autocast
+from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.models.factory import create_model
 from atscale.objectives import Madry
-from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.optim import param_groups, use_fused
-from atscale.perf import compile_model
+from atscale.perf import compile_model, set_backend_flags
 
 EPS, STEP = 16 / 255, 1 / 255
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -83,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model_kwargs = json.loads(args.model_kwargs)
     if not isinstance(args.model_kwargs, dict):
         p.error("--model-kwargs must be a JSON object")
+    if (args.ablate or args.profile) and args.which == "plain":
+        p.error("--ablate / --profile vary ours: use --which both or ours")
     if args.batch < 1 or args.iters < 1 or args.warmup < 0 or args.attack_steps < 1:
         p.error("need --batch >= 1, --iters >= 1, --warmup >= 0, --attack-steps >= 1")
     return args
@@ -269,18 +272,21 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int) -> d
                     for e in events[:top]]}
 
 
+def setup_device(name: str, threads: int) -> torch.device:
+    """torch's CPU threads (0 = its default), the device (``auto`` = CUDA when present) and the backend flags a run
+    sets by default (``perf.cudnn_benchmark``, ``perf.tf32``; both loops get them)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    set_backend_flags(PerfCfg(), device)
+    return device
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = setup_device(args.device, args.threads)
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_bf16 else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # both loops: fixed shapes (perf.cudnn_benchmark)
     sw = Switches(amp_dtype, channels_last=not args.no_channels_last, compile=args.compile,
                   fused=use_fused(args.fused, "sgd", device), checkpointing=args.checkpointing)
     x, y = synthetic_batch(args, device)

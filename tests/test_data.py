@@ -13,6 +13,7 @@ from PIL import Image
 
 from atscale.config import DataCfg
 from atscale.data import DatasetError, build_digits, build_imagefolder, make_loader, read_meta
+from atscale.data.loaders import DeviceLoader
 from atscale.data.write import ensure_dataset
 
 
@@ -124,6 +125,32 @@ def test_flips_mirror_a_seeded_half_and_held_batches_stay_valid(digits_root: Pat
         assert bool((same | mirrored).all())
         fractions.append((mirrored & ~same).float().mean().item())
     assert 0.35 < sum(fractions) / len(fractions) < 0.65
+
+
+class _Batches(list):
+    """Stands in for FFCV's Loader in front of ``DeviceLoader``: uint8 NHWC memory seen as NCHW, as FFCV's
+    ``ToTorchImage(channels_last=True)`` gives a GPU run after ``ToDevice``."""
+
+    next_epoch = 0
+
+
+def test_uint8_batches_convert_to_unit_float_and_flip() -> None:
+    """The GPU branch of DeviceLoader (uint8 transfer, conversion on the device), exercised on CPU tensors."""
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randint(0, 256, (6, 8, 8, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2) for _ in range(3)]
+    labels = [torch.arange(6, dtype=torch.int32) for _ in raw]
+    loader = DeviceLoader(_Batches(zip(raw, labels)), torch.device("cpu"), flip=True, seed=0)
+    out = list(loader)
+    mirrored = 0
+    for (x, y), img in zip(out, raw):
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.long
+        ref = img.float() / 255
+        same, flipped = (x == ref).flatten(1).all(1), (x == ref.flip(3)).flatten(1).all(1)
+        assert bool((same | flipped).all())
+        mirrored += int((flipped & ~same).sum())
+        img.zero_()  # the source buffer is reused: the yielded batch must not change
+        assert x.max() > 0
+    assert 0 < mirrored < 18
 
 
 def test_missing_dataset_error_names_the_fix(tmp_path: Path) -> None:

@@ -155,8 +155,14 @@ def test_run_with_checkpointing_and_fused_sgd_trains_and_resumes(digits_root: Pa
     assert "net.layer1.0.bn1.bns.clean.running_mean" in state["model"]
     start = json.loads((tmp_path / "perf" / "log.jsonl").read_text().splitlines()[0])
     assert start["fused_optimizer"] is True and start["perf"]["activation_checkpointing"] == "all"
-    res = main(load_config(None, tiny_overrides(digits_root, tmp_path, "perf", **{**over, "run.max_steps": 5,
-                                                                                    "run.resume": "auto"})))
+    res = main(load_config(None, tiny_overrides(digits_root, tmp_path, "perf", **{
+        **over, "run.max_steps": 5, "run.resume": "auto", "perf.fused_optimizer": "off"})))
     assert res["step"] == 5
+    starts = [json.loads(line) for line in (tmp_path / "perf" / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "start"]
+    assert len(starts) == 2 and starts[1]["fused_optimizer"] is False  # the run's setting, not the checkpoint's
     with pytest.raises(ConfigError, match="perf.compile"):
         load_config(None, tiny_overrides(digits_root, tmp_path, "bad", **{"perf.compile": "fastest"}))
+    with pytest.raises(ConfigError, match="not supported"):
+        load_config(None, tiny_overrides(digits_root, tmp_path, "bad", **{"perf.compile": "default",
+                                                                         "perf.activation_checkpointing": "all"}))

@@ -12,7 +12,9 @@ adversarial images). Two things make the recomputation exact here, where ``timm`
 - BatchNorm running statistics (and ``num_batches_tracked``) are restored after the recomputation, so a checkpointed
   block updates them once per forward, as without checkpointing.
 Random ops (drop path) replay the same draws (torch's ``preserve_rng_state``). Blocks switch class in place, so
-parameter names, ``state_dict`` keys, ``deepcopy`` (EMA) and checkpoints are unchanged.
+parameter names, ``state_dict`` keys, ``deepcopy`` (EMA) and checkpoints are unchanged; the EMA copy and evaluation
+attacks keep checkpointing too (an evaluation batch may be larger than the training batch). ``torch.compile`` cannot
+trace the recomputation context, so the config refuses the two together.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def enable_activation_checkpointing(model: nn.Module, attack: bool = True) -> in
             m._atscale_ckpt_attack = attack
             n += 1
     if n == 0:
-        raise ValueError(f"model.activation_checkpointing: {type(model).__name__} has no residual blocks this knows "
+        raise ValueError(f"perf.activation_checkpointing: {type(model).__name__} has no residual blocks this knows "
                          "(timm ResNet/ResNeXt, EfficientNet, denoising blocks); turn it off for this architecture")
     return n
 
