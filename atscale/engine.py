@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -117,6 +117,23 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
     return avg
 
 
+def rank_share(max_images: int) -> int | None:
+    """This rank's part of the first ``max_images`` images of the val set sharded ``rank::world`` (None: all)."""
+    return len(range(dist.rank(), max_images, dist.world_size())) if max_images else None
+
+
+def first_images(batches: Iterable, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches, the last one cut, until ``limit`` images have come out (None: all of them)."""
+    seen = 0
+    for x, y in batches:
+        if limit is not None:
+            if seen >= limit:
+                return
+            x, y = x[: limit - seen], y[: limit - seen]
+        seen += y.shape[0]
+        yield x, y
+
+
 def evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None = None, *, amp_dtype: torch.dtype | None = None,
              max_images: int = 0, progress: bool = True, desc: str = "eval") -> dict[str, dict]:
     """Clean accuracy and per-attack accuracy over the loader, inside ``atscale.layers.context.evaluation()``."""
@@ -134,7 +151,7 @@ def _evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None, *, amp_d
     Success rate: targeted = fraction of images classified as their target; untargeted = fraction of the images that
     were classified correctly when clean and are misclassified after the attack.
     """
-    limit = len(range(dist.rank(), max_images, dist.world_size())) if max_images else None  # rank's share of first N
+    limit = rank_share(max_images)
     attacks = attacks or {}
     for a in attacks.values():
         a.reseed(a.seed)  # same starts and targets for every attack: PGD-j's iterates are a prefix of PGD-k's
@@ -147,11 +164,7 @@ def _evaluate(model: nn.Module, loader, attacks: dict[str, PGD] | None, *, amp_d
     t0 = time.perf_counter()
     total = len(loader)
     bar = _bar(loader, total, desc, progress)
-    for x, y in bar:
-        if limit is not None:
-            if n >= limit:
-                break
-            x, y = x[: limit - n], y[: limit - n]
+    for x, y in first_images(bar, limit):
         with autocast(device, amp_dtype):
             clean_ok = model(x).argmax(1) == y
         clean_correct += int(clean_ok.sum())

@@ -18,7 +18,6 @@ reused. Loading is the val pipeline (center crop, strided shard per rank, counts
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +33,8 @@ from tqdm import tqdm
 
 from atscale import distributed as dist
 from atscale.data.sources import IMG_EXTENSIONS, DatasetError, FileSplit, scan_image_files
+from atscale.engine import autocast, first_images, rank_share
+from atscale.layers.context import evaluation
 
 LAYOUTS = ("folder", "stylized", "imagenet-a", "imagenet-c")
 
@@ -157,14 +158,6 @@ def build_beton(root: str | Path, model_classes: list[str], cache_dir: str | Pat
 # ----------------------------------------------------------------------------------------------- accuracy
 
 
-def _evaluation_context():
-    try:
-        from atscale.layers.context import evaluation
-    except ImportError:
-        return contextlib.nullcontext()
-    return evaluation()
-
-
 @torch.no_grad()
 def beton_accuracy(model: nn.Module, beton: str | Path, data_cfg, device: torch.device, *,
                    columns: list[int] | None = None, amp_dtype: torch.dtype | None = None, max_images: int = 0,
@@ -178,20 +171,16 @@ def beton_accuracy(model: nn.Module, beton: str | Path, data_cfg, device: torch.
     rank, world = dist.rank(), dist.world_size()
     loader = make_loader(beton.parent, beton.stem, data_cfg, device, seed, train=False, channels_last=channels_last,
                          rank=rank, world_size=world)
-    limit = len(range(rank, max_images, world)) if max_images else None
+    limit = rank_share(max_images)
     cols = torch.tensor(columns, device=device) if columns is not None else None
     was = model.training
     model.eval()
     n = correct = 0
     bar = tqdm(total=len(loader.loader.indices) if limit is None else min(limit, len(loader.loader.indices)),
                desc=desc, unit="img", disable=not (progress and rank == 0), leave=False, mininterval=1.0)
-    with _evaluation_context():
-        for x, y in loader:
-            if limit is not None:
-                if n >= limit:
-                    break
-                x, y = x[: limit - n], y[: limit - n]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with evaluation():
+        for x, y in first_images(loader, limit):
+            with autocast(device, amp_dtype):
                 logits = model(x)
             pred = logits.argmax(1) if cols is None else cols[logits.index_select(1, cols).argmax(1)]
             correct += int((pred == y).sum())

@@ -35,7 +35,7 @@ from atscale import sanity
 from atscale.config import ConfigError
 
 from atscale.attacks import ATTACK_NAMES
-from atscale.engine import autocast
+from atscale.engine import autocast, first_images, rank_share
 from atscale.layers.context import evaluation
 BLACK_BOX = ("square",)
 KINDS = ("clean", "white-box", "black-box", "transfer")
@@ -287,7 +287,7 @@ def run_suite(model: nn.Module, loader, suite: Suite, *, amp_dtype: torch.dtype 
 
 def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes, surrogates, opts, desc) -> dict:
     rank, world = dist.rank(), dist.world_size()
-    limit = len(range(rank, max_images, world)) if max_images else None
+    limit = rank_share(max_images)
     specs = suite.attacks
     attacks = {s.label: build_attack(s, amp_dtype, seed + 1) for s in specs}
     for s in specs:
@@ -307,11 +307,7 @@ def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes,
     bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and rank == 0), dynamic_ncols=True,
                mininterval=1.0, leave=False)
     t0 = time.perf_counter()
-    for x, y in loader:
-        if limit is not None:
-            if n >= limit:
-                break
-            x, y = x[: limit - n], y[: limit - n]
+    for x, y in first_images(loader, limit):
         with autocast(device, amp_dtype):
             clean_ok = model(x).argmax(1) == y
         clean_correct += int(clean_ok.sum())

@@ -27,8 +27,7 @@ from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
 from atscale.attacks.geometry import check_norm, direction, project, random_in_ball
-from atscale.attacks.losses import (check_target_mode, dlr_loss, least_likely_targets, random_targets,
-                                    targeted_dlr_loss, top_targets)
+from atscale.attacks.losses import check_target_mode, dlr_loss, targeted_dlr_loss, top_targets
 
 __all__ = ["APGD", "APGDT", "apgd_checkpoints"]
 
@@ -82,13 +81,6 @@ class APGD(SeededAttack):
 
     def _succeeded(self, y: torch.Tensor, t: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
         return (lambda z: z.argmax(1) != y) if t is None else (lambda z: z.argmax(1) == t)
-
-    def _targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            clean = self._logits(model, x)
-        if self.target_mode == "least_likely":
-            return least_likely_targets(clean, y)
-        return random_targets(y, clean.shape[1], g)
 
     # --- attack -----------------------------------------------------------------------------------------------------
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

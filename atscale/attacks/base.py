@@ -18,6 +18,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
+from atscale.attacks.losses import draw_targets
 from atscale.layers.context import attack_pass
 
 
@@ -75,6 +76,7 @@ class SeededAttack:
     step: float = 0.0
     seed: int = 0
     amp_dtype: torch.dtype | None = None
+    target_mode: str = "random"
 
     def _init_rng(self, seed: int) -> None:
         self.seed = seed
@@ -109,6 +111,12 @@ class SeededAttack:
     def _logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             return model(x).float()
+
+    def _targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One target per example by ``target_mode``, from the clean logits."""
+        with torch.no_grad():
+            clean = self._logits(model, x)
+        return draw_targets(clean, y, self.target_mode, g)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, eps={self.eps:.5g}, iters={self.iters}, "

@@ -20,7 +20,7 @@ from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
 from atscale.attacks.geometry import lp_norm
-from atscale.attacks.losses import check_target_mode, least_likely_targets, random_targets, top_targets
+from atscale.attacks.losses import check_target_mode, draw_targets, top_targets
 
 __all__ = ["FABT", "linf_hyperplane_projection"]
 
@@ -94,9 +94,7 @@ class FABT(SeededAttack):
             best = torch.full((n,), float("inf"), device=x.device)
             x_best = x.clone()
             if self.targeted:
-                t = target if target is not None else (
-                    least_likely_targets(clean, y) if self.target_mode == "least_likely"
-                    else random_targets(y, clean.shape[1], g))
+                t = target if target is not None else draw_targets(clean, y, self.target_mode, g)
                 done = pred == t
                 best[done] = 0.0
                 targets = [t]

@@ -74,6 +74,13 @@ def least_likely_targets(clean_logits: torch.Tensor, y: torch.Tensor) -> torch.T
     return clean_logits.masked_fill(mask, float("inf")).argmin(1)
 
 
+def draw_targets(clean_logits: torch.Tensor, y: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tensor:
+    """One target class per example by ``target_mode``: the clean least-likely class or a uniform wrong class."""
+    if mode == "least_likely":
+        return least_likely_targets(clean_logits, y)
+    return random_targets(y, clean_logits.shape[1], g)
+
+
 def top_targets(clean_logits: torch.Tensor, y: torch.Tensor, rank: int) -> torch.Tensor:
     """The ``rank``-th most likely class other than y (rank 1 = the runner-up of a correctly classified image)."""
     k = clean_logits.shape[1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
-from atscale.attacks.losses import check_target_mode, least_likely_targets, margin, random_targets
+from atscale.attacks.losses import check_target_mode, margin
 
 __all__ = ["Square", "square_p"]
 
@@ -67,11 +67,7 @@ class Square(SeededAttack):
         with attack_mode(model):
             t = None
             if self.targeted:
-                t = target
-                if t is None:
-                    clean = self._logits(model, x)
-                    t = least_likely_targets(clean, y) if self.target_mode == "least_likely" else random_targets(
-                        y, clean.shape[1], g)
+                t = target if target is not None else self._targets(model, x, y, g)
             x_adv = x.clone()
             success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             best_loss = torch.full((x.shape[0],), float("inf"), device=x.device)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
-from atscale.attacks.losses import check_target_mode, least_likely_targets, random_targets
+from atscale.attacks.losses import check_target_mode
 
 __all__ = ["TransferFGSM", "LogitEnsemble", "TransferResult", "AllOrNothingResult", "transfer_eval",
            "all_or_nothing", "all_or_nothing_eval", "default_transfer_iters", "gaussian_kernel", "input_diversity"]
@@ -129,12 +129,7 @@ class TransferFGSM(SeededAttack):
         with attack_mode(model):
             t = None
             if self.targeted:
-                t = target
-                if t is None:
-                    with torch.no_grad():
-                        clean = self._logits(model, x)
-                    t = least_likely_targets(clean, y) if self.target_mode == "least_likely" else random_targets(
-                        y, clean.shape[1], g)
+                t = target if target is not None else self._targets(model, x, y, g)
             lo, hi = (x - self.eps).clamp(min=0), (x + self.eps).clamp(max=1)
             x_adv = x.clone()
             acc = torch.zeros_like(x)
