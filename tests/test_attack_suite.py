@@ -210,7 +210,9 @@ def digits100(trained_digits_model, digits_val_batch):
 def standard_run(digits100):
     """One composite run with every sub-attack's inputs recorded, shared by the tests below."""
     model, x, y = digits100
-    atk = make_attack("standard", eps=EPS, steps=10, square_queries=100, n_target_classes=2, seed=0)
+    # 25 iterations per gradient attack: about the budget of the PGD-10 x 3 restarts it is compared with (AutoAttack's
+    # own protocol runs 100); at 10 iterations it led by only 0-3 of 100 images on the trained models we measured
+    atk = make_attack("standard", eps=EPS, steps=25, square_queries=100, n_target_classes=2, seed=0)
     seen: dict[str, torch.Tensor] = {}
     for sub in atk.attacks:
         def spy(m, xs, ys, _orig=sub.perturb, _name=sub.name):
@@ -401,13 +403,14 @@ def test_bpda_identity_breaks_a_quantizing_front_end(digits100) -> None:
     with attack_mode(defended):
         (grad,) = torch.autograd.grad(nn.functional.cross_entropy(defended(xg), y), xg)
     assert grad.abs().max() == 0  # torch.round: no gradient, plain PGD is blind
-    plain = _acc(defended, make_attack("pgd", eps=eps, steps=10, seed=0)(defended, x, y), y)
+    blind = make_attack("pgd", eps=eps, steps=10, step=eps / 4, seed=0)(defended, x, y)
+    assert torch.equal(blind, make_attack("pgd", eps=eps, steps=1, step=eps / 4, seed=0)(defended, x, y))  # no move
+    plain = _acc(defended, blind, y)
     bpda_model = nn.Sequential(BPDA(Quantize(4)), model)
     with torch.no_grad():
         assert torch.equal(bpda_model(x), defended(x))  # same forward pass
     broken = _acc(defended, make_attack("pgd", eps=eps, steps=10, seed=0)(bpda_model, x, y), y)
-    assert plain >= clean - 0.05  # only the random start's noise moves anything
-    assert broken < clean - 0.3
+    assert broken < min(clean, plain, _acc(defended, _random_vertices(x, eps), y))
     # a differentiable approximation as the backward: the straight-through estimator's gradient is the identity's
     approx = nn.Sequential(BPDA(Quantize(4), backward=lambda z: z), model)
     xg = x[:8].clone().requires_grad_(True)

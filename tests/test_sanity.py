@@ -85,7 +85,9 @@ class InputNoise(nn.Module):
         return x + 0.05 * torch.randn_like(x)
 
 
-SWEEP = {"attacks": [{"label": "pgd1", "eps": 16, "steps": 1}, {"label": "pgd4", "eps": 16, "steps": 4},
+# pgd1 (one 16/255 step) vs pgd10 (ten 4/255 steps): on the trained digits models we measured, 17-20 of 60 images
+# apart, so a healthy model is never flagged flat in steps (pgd4 at 4/255 was only 2-9 images ahead)
+SWEEP = {"attacks": [{"label": "pgd1", "eps": 16, "steps": 1}, {"label": "pgd10", "eps": 16, "steps": 10, "step": 4},
                      {"label": "pgd4-eps4", "eps": 4, "steps": 4},
                      {"label": "unbounded", "eps": 255, "steps": 8, "random_start": False}]}
 
@@ -107,7 +109,7 @@ def test_masked_stochastic_and_normal_models(trained_digits_model, val_loader, t
 
     assert normal["flags"] == [], normal["flags"]
     r = normal["results"]
-    assert r["unbounded"]["acc"] == 0 and r["pgd4"]["acc"] < r["pgd1"]["acc"] < r["clean"]["acc"]
+    assert r["unbounded"]["acc"] == 0 and r["pgd10"]["acc"] < r["pgd1"]["acc"] < r["clean"]["acc"]
     assert normal["probes"]["gradients"]["zero_margin"] == 0 and normal["probes"]["stochastic"]["max_rel_diff"] == 0
 
     names = {f["name"] for f in masked["flags"]}

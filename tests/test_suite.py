@@ -61,13 +61,13 @@ def test_named_suites_follow_the_protocols() -> None:
 
 SUITE = {"name": "tiny", "robustbench": True, "attacks": [
     {"label": "pgd1", "attack": "pgd", "eps": 16, "steps": 1},
-    {"label": "pgd4", "attack": "pgd", "eps": 16, "steps": 4},
+    {"label": "pgd10", "attack": "pgd", "eps": 16, "steps": 10, "step": 4},  # far ahead of pgd1: never flat
     {"label": "pgd4-eps4", "attack": "pgd", "eps": 4, "steps": 4},
     {"label": "pgd2t", "attack": "pgd", "eps": 16, "steps": 2, "targeted": True},
     {"label": "unbounded", "attack": "pgd", "eps": 255, "steps": 8, "random_start": False},
     {"label": "autoattack", "attack": "standard", "eps": 4, "steps": 3,
      "kwargs": {"square_queries": 10, "n_target_classes": 2}}],
-    "aggregates": {"worst-eps16": ["pgd1", "pgd4", "pgd2t"]}}
+    "aggregates": {"worst-eps16": ["pgd1", "pgd10", "pgd2t"]}}
 
 
 def test_cli_suite_writes_consistent_reports(trained_digits_model, tmp_path: Path, capfd) -> None:
@@ -77,25 +77,26 @@ def test_cli_suite_writes_consistent_reports(trained_digits_model, tmp_path: Pat
     ckpt = cfg.run_dir / "checkpoints" / "last.pt"
     spec = tmp_path / "tiny.yaml"  # + a transfer row crafted on a second copy of the same model: same numbers
     spec.write_text(yaml.safe_dump({**SUITE, "attacks": SUITE["attacks"] + [
-        {"label": "pgd4-transfer", "attack": "pgd", "eps": 16, "steps": 4, "source": str(ckpt)}]}))
+        {"label": "pgd10-transfer", "attack": "pgd", "eps": 16, "steps": 10, "step": 4, "source": str(ckpt)}]}))
     out = tmp_path / "ev"
     assert cli(["eval", str(ckpt), "--suite", str(spec), "--max-images", "50", "--out", str(out),
                 "--no-progress"]) == 0
     doc = json.loads((out / "eval.json").read_text())
     r = doc["results"]
-    assert list(r) == ["clean", "pgd1", "pgd4", "pgd4-eps4", "pgd2t", "unbounded", "autoattack", "pgd4-transfer",
+    assert list(r) == ["clean", "pgd1", "pgd10", "pgd4-eps4", "pgd2t", "unbounded", "autoattack", "pgd10-transfer",
                        "worst-eps16"]
-    assert r["pgd4-transfer"]["kind"] == "transfer" and r["pgd4-transfer"]["acc"] == r["pgd4"]["acc"]
+    assert r["pgd10-transfer"]["kind"] == "transfer" and r["pgd10-transfer"]["acc"] == r["pgd10"]["acc"]
     assert doc["n"] == 50 and all(v["n"] == 50 for v in r.values()) and doc["world_size"] == 1
     clean = r["clean"]["acc"]
     assert clean > 0.8
     for k, v in r.items():
         assert 0 <= v["acc"] <= clean, k
         assert v["acc"] * 50 == pytest.approx(round(v["acc"] * 50)), k  # whole images
-    assert r["pgd4"]["acc"] <= r["pgd1"]["acc"] and r["pgd4"]["acc"] <= r["pgd4-eps4"]["acc"]
+    assert r["pgd10"]["acc"] <= r["pgd1"]["acc"] and r["pgd10"]["acc"] <= r["pgd4-eps4"]["acc"]
     assert r["unbounded"]["acc"] == 0
-    assert r["worst-eps16"]["acc"] <= min(r[m]["acc"] for m in ("pgd1", "pgd4", "pgd2t"))
-    assert r["pgd4"]["step"] == pytest.approx(4.0) and r["pgd2t"]["targeted"] and 0 <= r["pgd2t"]["success_rate"] <= 1
+    assert r["worst-eps16"]["acc"] <= min(r[m]["acc"] for m in ("pgd1", "pgd10", "pgd2t"))
+    assert (r["pgd10"]["step"], r["pgd10"]["steps"]) == (pytest.approx(4.0), 10)
+    assert r["pgd2t"]["targeted"] and 0 <= r["pgd2t"]["success_rate"] <= 1
     assert (r["autoattack"]["kind"], r["autoattack"]["eps"]) == ("white-box", 4.0)
     assert doc["flags"] == [] and doc["probes"]["gradients"]["n"] == 50
 
@@ -105,7 +106,7 @@ def test_cli_suite_writes_consistent_reports(trained_digits_model, tmp_path: Pat
                                                                                   "ResNet-18")
     assert rb["additional_data"] is False and rb["number_forward_passes"] == 1 and rb["unreliable"] is False
     md = (out / "eval.md").read_text()
-    assert f"| pgd4 | pgd | white-box | linf | 16/255 | 4 | 4/255 | 1 | False | {100 * r['pgd4']['acc']:.2f}% |" in md
+    assert f"| pgd10 | pgd | white-box | linf | 16/255 | 10 | 4/255 | 1 | False | {100 * r['pgd10']['acc']:.2f}% |" in md
     assert "No flags" in md and "![accuracy_vs_eps](accuracy_vs_eps.png)" in md and "AutoAttack" in md
     for png in ("accuracy_vs_iterations.png", "accuracy_vs_eps.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and (out / png).stat().st_size > 5000
