@@ -11,7 +11,8 @@ prints JSON: images/s of each variant over ``--epochs`` timed epochs (after one 
 and the ratios. ``ffcv`` / ``torchvision``: float [0, 1] batches in the main process (what a CPU run trains on);
 ``ffcv_uint8`` / ``torchvision_uint8``: uint8 batches (what a GPU run sends to the device, converting there);
 ``ffcv_main_process_float``: FFCV's uint8 batches converted and flipped in the main process, atscale's CPU path
-before the conversion moved into FFCV's worker threads.
+before the conversion moved into FFCV's worker threads; ``ffcv_uint8_seeded_crop``: ``ffcv_uint8`` with atscale's
+reproducible (per-image seeded) crop, against FFCV's unseeded one.
 """
 from __future__ import annotations
 
@@ -81,17 +82,22 @@ def ffcv_iter(root: Path, args):
     return it
 
 
-def ffcv_uint8_iter(root: Path, args, main_process_float: bool = False):
+def ffcv_uint8_iter(root: Path, args, main_process_float: bool = False, seeded: bool = False):
     """FFCV decode + random-resized crop only: the uint8 NHWC batches a GPU run sends to the device. With
     ``main_process_float``: then the float conversion, channels_last copy and where-flip in the main process, as
-    atscale's loader did on CPU before the conversion moved into FFCV's worker threads (the before of that change)."""
+    atscale's loader did on CPU before the conversion moved into FFCV's worker threads (the before of that change).
+    ``seeded``: atscale's per-image seeded crop instead of FFCV's unseeded one (the cost of reproducible crops)."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
-    pipelines = {"image": [RandomResizedCropRGBImageDecoder((args.size, args.size), scale=(0.08, 1.0)), ToTensor(),
-                           ToTorchImage(channels_last=True)],
+    from atscale.data.crop import SeededRandomResizedCrop
+
+    size = (args.size, args.size)
+    crop = SeededRandomResizedCrop(size, 0, scale=(0.08, 1.0)) if seeded else \
+        RandomResizedCropRGBImageDecoder(size, scale=(0.08, 1.0))
+    pipelines = {"image": [crop, ToTensor(), ToTorchImage(channels_last=True)],
                  "label": [IntDecoder(), ToTensor(), Squeeze()]}
     loader = Loader(str(root / "train.beton"), batch_size=args.batch, num_workers=args.workers,
                     order=OrderOption.RANDOM, drop_last=True, seed=0, pipelines=pipelines, os_cache=True)
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "after one warm-up epoch"}
     variants = {"ffcv": ffcv_iter(beton, args), "torchvision": torchvision_iter(tree, args),
                 "ffcv_uint8": ffcv_uint8_iter(beton, args), "torchvision_uint8": torchvision_iter(tree, args, True),
+                "ffcv_uint8_seeded_crop": ffcv_uint8_iter(beton, args, seeded=True),
                 "ffcv_main_process_float": ffcv_uint8_iter(beton, args, main_process_float=True)}
     for name, make in variants.items():
         out[name] = time_loader(make, args.epochs)
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{name}: {out[name]['img_per_s']:.0f} img/s")
     out["ratio_ffcv_over_torchvision"] = out["ffcv"]["img_per_s"] / out["torchvision"]["img_per_s"]
     out["ratio_uint8_ffcv_over_torchvision"] = out["ffcv_uint8"]["img_per_s"] / out["torchvision_uint8"]["img_per_s"]
+    out["ratio_seeded_crop_over_unseeded"] = out["ffcv_uint8_seeded_crop"]["img_per_s"] / out["ffcv_uint8"]["img_per_s"]
     out["ratio_worker_float_over_main_process_float"] = \
         out["ffcv"]["img_per_s"] / out["ffcv_main_process_float"]["img_per_s"]
     out["loadavg_end"] = os.getloadavg()

@@ -39,8 +39,8 @@ def tiny_overrides(root: Path, out: Path, name: str, **extra: object) -> list[st
 
 def clearly_greater(a: float, b: float, n: int, z: float = 3.09) -> bool:
     """One-sided two-proportion z-test: accuracy ``a`` exceeds ``b`` (both over ``n`` images) at p < 0.001. Trained test
-    models differ from run to run (FFCV's random crops are not seeded), so "clearly better" is a significance test,
-    not a fixed margin; treating the two counts as independent is conservative for paired images."""
+    models differ from machine to machine (CPU kernels round differently), so "clearly better" is a significance
+    test, not a fixed margin; treating the two counts as independent is conservative for paired images."""
     pooled = (a + b) / 2
     se = (2 * pooled * (1 - pooled) / n) ** 0.5
     return a > b and (se == 0 or (a - b) / se > z)

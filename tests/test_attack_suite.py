@@ -336,7 +336,7 @@ def test_transfer_is_weaker_than_white_box(name: str, source_model, digits100, w
     res = transfer_eval(source_model, target, atk, x, y)
     white = white_box_acc
     # the examples fool the model they were crafted on, more than random vertices of the same ball do; the trained
-    # models differ from run to run (FFCV's random crops are not seeded), so the baseline is measured, not a margin
+    # models differ from machine to machine (CI failed on a fixed 0.2 drop), so the baseline is measured
     assert res.source_acc < min(_acc(source_model, x, y), _acc(source_model, _random_vertices(x, eps), y))
     assert res.acc > white  # ... and fool the target less than a white-box attack on it
     assert res.clean_acc == pytest.approx(_acc(target, x, y)) and float(res) == res.acc

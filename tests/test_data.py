@@ -109,6 +109,24 @@ def test_train_loader_order_is_seeded_per_epoch_and_decodes_uint8_to_unit_range(
     assert torch.equal(x, x2)  # flips come from a seeded generator
 
 
+def test_random_crops_are_reproducible_per_seed_epoch_and_thread_count(digits_root: Path) -> None:
+    """The random-resized crop is seeded per image (atscale.data.crop): the same (seed, epoch) gives the same pixels
+    with 1 or 2 decode threads; another epoch or seed gives other crops; the crops do differ from the center crop."""
+    cfg = DataCfg(root=str(digits_root), batch_size=64, image_size=32, rrc_scale=[0.3, 1.0], flip=False)
+
+    def epoch(seed: int, e: int, workers: int = 2, crop: str = "random_resized") -> torch.Tensor:
+        loader = make_loader(digits_root, "train", replace(cfg, num_workers=workers, train_crop=crop),
+                             torch.device("cpu"), seed, train=True)
+        loader.set_epoch(e)
+        return torch.cat([x for x, _ in loader])
+
+    first = epoch(0, 0)
+    assert torch.equal(first, epoch(0, 0)) and torch.equal(first, epoch(0, 0, workers=1))
+    center = epoch(0, 0, crop="center")  # the same images in the same order, uncropped
+    assert (first != center).flatten(1).any(1).float().mean() > 0.9
+    assert not torch.equal(first, epoch(0, 1)) and not torch.equal(first, epoch(1, 0))
+
+
 def test_flips_mirror_a_seeded_half_and_held_batches_stay_valid(digits_root: Path) -> None:
     """Every yielded batch is its own tensor (FFCV reuses its buffers): holding a whole epoch keeps each batch intact;
     flipping mirrors about half of the images of each batch and leaves the others untouched."""

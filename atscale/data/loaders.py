@@ -3,8 +3,8 @@ CPU the float conversion in FFCV's worker threads. FFCV decodes ``data.batches_a
 
 Train: random-resized crop (or center crop) and a horizontal flip drawn from a torch generator seeded by
 (seed, epoch, batch), so flips are reproducible and a resumed epoch sees the same flips. The sample order is FFCV's,
-seeded by ``seed + epoch``. Val: center crop, sequential order. Decoding and cropping are FFCV's numba code, whose
-random crop draws from numba's own generator (not seeded by us).
+seeded by ``seed + epoch``. Val: center crop, sequential order. Decoding and cropping are FFCV's numba code; the random
+crop is seeded per image (``atscale.data.crop``), so a run's crops are reproducible too.
 Distributed: train uses one shared permutation per epoch split across ranks; val uses the strided shard of each rank.
 """
 from __future__ import annotations
@@ -86,14 +86,16 @@ def make_loader(root: str | Path, split: str, data_cfg, device: torch.device, se
     epoch from the shared seed, world-size invariant global batches). Val: the strided shard ``rank::world_size`` in order, so every
     image is evaluated exactly once across ranks (no padding, no dropped remainder)."""
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    from atscale.data.crop import SeededRandomResizedCrop
 
     path = Path(root) / f"{split}.beton"
     if train and data_cfg.train_crop == "random_resized":
         size = data_cfg.image_size
-        decoder = RandomResizedCropRGBImageDecoder((size, size), scale=tuple(data_cfg.rrc_scale))
+        decoder = SeededRandomResizedCrop((size, size), seed, scale=tuple(data_cfg.rrc_scale))
     else:
         size = data_cfg.image_size if train else data_cfg.val_size
         decoder = CenterCropRGBImageDecoder((size, size), ratio=data_cfg.val_crop_ratio)
