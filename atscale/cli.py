@@ -8,6 +8,7 @@ import sys
 from atscale.checkpoint import CheckpointError
 from atscale.config import ConfigError
 from atscale.data.sources import DatasetError
+from atscale.engine import TrainingDiverged
 from atscale.models import ModelError
 
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             from atscale.evaluate import export_checkpoint
 
             print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain))
-    except (ConfigError, DatasetError, CheckpointError, ModelError) as err:
+    except (ConfigError, DatasetError, CheckpointError, ModelError, TrainingDiverged) as err:
         print(f"atscale {args.cmd}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -254,6 +254,7 @@ _CHECKS: dict[str, Any] = {
     "objective.mart_lambda": lambda v: v >= 0,
     "objective.free_replays": lambda v: v >= 1,
     "optim.lr": lambda v: v > 0,
+    "optim.momentum": lambda v: 0 <= v < 1,
     "optim.weight_decay": lambda v: v >= 0,
     "optim.rmsprop_decay": lambda v: 0 < v < 1,
     "optim.rmsprop_eps": lambda v: v > 0,
@@ -414,6 +415,9 @@ def _validate(cfg: Config) -> None:
     if cfg.objective.name == "advprop_fg" and cfg.data.autoaugment == "none":
         raise ConfigError("objective.name = 'advprop_fg' keeps a BN domain for AutoAugment images, so it needs "
                           "data.autoaugment (e.g. imagenet)")
+    if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        raise ConfigError(f"optim.nesterov needs momentum, but optim.momentum = {cfg.optim.momentum}; set "
+                          f"optim.nesterov=false for plain SGD, or a momentum > 0 (e.g. 0.9)")
     if cfg.attack.name != "none" and cfg.attack.step > 255:
         raise ConfigError(f"config key 'attack.step' = {cfg.attack.step} is out of range: expected 0..255 pixel units")
 

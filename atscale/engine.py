@@ -4,6 +4,7 @@ Both return plain dicts of averages over the images they saw. Wiring (data, mode
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -15,6 +16,27 @@ from tqdm import tqdm
 from atscale import distributed as dist
 from atscale.attacks.pgd import PGD
 from atscale.layers.context import evaluation
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss or the weights stopped being finite: the run stops before saving them."""
+
+
+DIVERGED_FIX = ("Lower optim.lr, lengthen schedule.warmup_epochs or attack.warmup_epochs, lower attack.step, or train "
+                "in bf16 (run.amp) rather than fp16, then start again or resume from the last checkpoint")
+
+
+def nonfinite_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or inf (one device sync when all are finite)."""
+    params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.numel()]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return []
+    return [n for n, p in params if not bool(torch.isfinite(p).all())]
+
+
+# fp16 runs use dynamic loss scaling, which skips a step whose loss or gradients overflow and lowers the scale; a few
+# such steps in a row are normal there. Without it, the first non-finite loss has already reached the weights.
+FP16_NONFINITE_STEPS = 20
 
 
 @dataclass
@@ -78,6 +100,7 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
     usable = len(loader) - len(loader) % accum
     bar = _bar(loader, usable, desc, progress, initial=skip_batches)
     stopped = False
+    nonfinite, tolerated = 0, FP16_NONFINITE_STEPS if amp_dtype == torch.float16 else 0
     device = next(updater.model.parameters()).device
     for i, (x, y) in enumerate(bar):
         if i < skip_batches:
@@ -101,6 +124,12 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
                 continue
             step += 1
             m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
+            nonfinite = 0 if math.isfinite(m["loss"]) else nonfinite + 1
+            if nonfinite > tolerated:
+                raise TrainingDiverged(
+                    f"training diverged: loss {m['loss']} at step {step} (batch {i + 1} of the epoch"
+                    f"{f', {nonfinite} non-finite steps in a row' if tolerated else ''}); nothing after the last "
+                    f"checkpoint was saved. {DIVERGED_FIX}")
             if out.clean_logits is not None:
                 m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
             meter.add(n, **m)

@@ -34,6 +34,8 @@ def test_resolved_config_round_trips_through_yaml() -> None:
     (["eval.steps=10"], r"'eval.steps' = 10 is invalid: expected a list of int"),
     (["attack.eps=300"], r"'attack.eps' = 300.0 is out of range: expected a budget in 0..255 pixel units"),
     (["data.rrc_scale=[0.9, 0.1]"], r"'data.rrc_scale' .* expected two numbers 0 < lo <= hi <= 1"),
+    (["optim.momentum=0"], r"optim.nesterov needs momentum, but optim.momentum = 0.0; set optim.nesterov=false"),
+    (["optim.momentum=-0.5"], r"'optim.momentum' = -0.5 is out of range"),
     (["attack"], r"must look like section.key=value"),
     (["eps=3"], r"must name a section and a key"),
 ])

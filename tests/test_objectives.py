@@ -186,7 +186,7 @@ def _rows(run_dir: Path, kind: str) -> list[dict]:
 def test_bn_consistency_warmup_ema_and_free_replays_in_a_real_run(digits_root: Path, tmp_path: Path) -> None:
     over = tiny_overrides(digits_root, tmp_path, "ctl", **{
         "schedule.epochs": 2, "schedule.bn_eval_last_epochs": 1, "attack.warmup_epochs": 1.0, "optim.ema_decay": 0.9,
-        "objective.name": "free", "objective.free_replays": 2, "attack.step": 32, "log.every_steps": 1,
+        "objective.name": "free", "objective.free_replays": 2, "attack.step": 32, "log.every_steps": 1, "optim.lr": 0.1,
         "run.keep_last": 3, "run.export": True})
     res = main(load_config(None, over))
     run = tmp_path / "ctl"

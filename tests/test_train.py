@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,3 +133,30 @@ def test_adversarial_training_beats_standard_training_under_pgd(digits_root: Pat
         "objective.name": "clean", "attack.name": "none"})))["eval"]
     assert std["clean"]["acc"] > 0.85
     assert clearly_greater(adv["pgd10"]["acc"], std["pgd10"]["acc"], 359), (adv, std)
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_broken_weights(digits_root: Path, tmp_path: Path,
+                                                                               capfd) -> None:
+    """lr 1e4 blows the weights up within a few steps: the run stops at the first non-finite loss (fp32: no loss
+    scaler could skip it), the CLI names the problem and the fixes, and every checkpoint on disk is still finite."""
+    from atscale.cli import main as cli
+
+    over = tiny_overrides(digits_root, tmp_path, "nan", **{"optim.lr": 1e4, "schedule.warmup_epochs": 0,
+                                                           "run.ckpt_every_steps": 1, "run.keep_last": 50})
+    assert cli(["train", *over]) == 2
+    err = capfd.readouterr().err
+    assert "training diverged: loss nan" in err or "training diverged: loss inf" in err, err
+    assert "Lower optim.lr" in err
+    bad_step = int(re.search(r"at step (\d+)", err).group(1))
+    saved = sorted((tmp_path / "nan" / "checkpoints").glob("step_*.pt"))
+    assert bad_step < 1438 // 64 and [int(p.stem.split("_")[1]) for p in saved] == list(range(1, bad_step))
+    for path in saved:
+        ck = load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()), path
+    from atscale.engine import nonfinite_parameters  # the guard in front of every checkpoint write
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    assert nonfinite_parameters(net) == []
+    with torch.no_grad():
+        net[1].bias.fill_(float("inf"))
+    assert nonfinite_parameters(net) == ["1.bias"]
