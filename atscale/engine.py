@@ -26,12 +26,13 @@ DIVERGED_FIX = ("Lower optim.lr, lengthen schedule.warmup_epochs or attack.warmu
                 "in bf16 (run.amp) rather than fp16, then start again or resume from the last checkpoint")
 
 
-def nonfinite_parameters(module: nn.Module) -> list[str]:
-    """Names of the parameters holding a NaN or inf (one device sync when all are finite)."""
-    params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.numel()]
-    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+def nonfinite_state(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers (BN running statistics too) holding a NaN or inf; one device sync when all
+    are finite."""
+    tensors = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point() and t.numel()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
         return []
-    return [n for n, p in params if not bool(torch.isfinite(p).all())]
+    return [n for n, t in tensors if not bool(torch.isfinite(t).all())]
 
 
 # fp16 runs use dynamic loss scaling, which skips a step whose loss or gradients overflow and lowers the scale; a few

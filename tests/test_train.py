@@ -138,14 +138,16 @@ def test_adversarial_training_beats_standard_training_under_pgd(digits_root: Pat
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_broken_weights(digits_root: Path, tmp_path: Path,
                                                                                capfd) -> None:
     """lr 1e4 blows the weights up within a few steps: the run stops at the first non-finite loss (fp32: no loss
-    scaler could skip it), the CLI names the problem and the fixes, and every checkpoint on disk is still finite."""
+    scaler could skip it) or at the first checkpoint whose weights or BN statistics overflowed, whichever comes first;
+    the CLI names the problem and the fixes, and every checkpoint on disk is still finite."""
     from atscale.cli import main as cli
 
     over = tiny_overrides(digits_root, tmp_path, "nan", **{"optim.lr": 1e4, "schedule.warmup_epochs": 0,
                                                            "run.ckpt_every_steps": 1, "run.keep_last": 50})
     assert cli(["train", *over]) == 2
     err = capfd.readouterr().err
-    assert "training diverged: loss nan" in err or "training diverged: loss inf" in err, err
+    # the first non-finite loss, or weights / BN statistics that overflowed before the loss did, at a checkpoint
+    assert re.search(r"training diverged: (loss (nan|inf)|\d+ weight or BN-statistics tensors hold NaN)", err), err
     assert "Lower optim.lr" in err
     bad_step = int(re.search(r"at step (\d+)", err).group(1))
     saved = sorted((tmp_path / "nan" / "checkpoints").glob("step_*.pt"))
@@ -153,10 +155,11 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_broken_weights(di
     for path in saved:
         ck = load_checkpoint(path)
         assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()), path
-    from atscale.engine import nonfinite_parameters  # the guard in front of every checkpoint write
+    from atscale.engine import nonfinite_state  # the guard in front of every checkpoint write
 
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    assert nonfinite_parameters(net) == []
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
+    assert nonfinite_state(net) == []
     with torch.no_grad():
-        net[1].bias.fill_(float("inf"))
-    assert nonfinite_parameters(net) == ["1.bias"]
+        net[2].bias.fill_(float("inf"))
+        net[1].running_var.fill_(float("nan"))  # statistics can overflow while the weights are still finite
+    assert nonfinite_state(net) == ["1.running_var", "2.bias"]
