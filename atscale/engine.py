@@ -22,8 +22,8 @@ class TrainingDiverged(RuntimeError):
     """The training loss or the weights stopped being finite: the run stops before saving them."""
 
 
-DIVERGED_FIX = ("Lower optim.lr, lengthen schedule.warmup_epochs or attack.warmup_epochs, lower attack.step, or train "
-                "in bf16 (run.amp) rather than fp16, then start again or resume from the last checkpoint")
+_DIVERGED_FIX = ("Lower optim.lr, lengthen schedule.warmup_epochs or attack.warmup_epochs, lower attack.step, or "
+                 "train in bf16 (run.amp) rather than fp16, then start again or resume from the last checkpoint")
 
 
 def nonfinite_state(module: nn.Module) -> list[str]:
@@ -33,6 +33,15 @@ def nonfinite_state(module: nn.Module) -> list[str]:
     if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
         return []
     return [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+
+
+def refuse_nonfinite_state(module: nn.Module, step: int) -> None:
+    """The guard in front of a checkpoint write: raise ``TrainingDiverged`` rather than save NaN/inf weights or BN
+    statistics, so the last good checkpoint stays the newest."""
+    bad = nonfinite_state(module)
+    if bad:
+        raise TrainingDiverged(f"training diverged: {len(bad)} weight or BN-statistics tensors hold NaN or inf at step "
+                               f"{step} (first: {bad[0]}); not saving them. {_DIVERGED_FIX}")
 
 
 # fp16 runs use dynamic loss scaling, which skips a step whose loss or gradients overflow and lowers the scale; a few
@@ -130,7 +139,7 @@ def train_one_epoch(updater, loader, attack, objective, *, lr_at: Callable[[int]
                 raise TrainingDiverged(
                     f"training diverged: loss {m['loss']} at step {step} (batch {i + 1} of the epoch"
                     f"{f', {nonfinite} non-finite steps in a row' if tolerated else ''}); nothing after the last "
-                    f"checkpoint was saved. {DIVERGED_FIX}")
+                    f"checkpoint was saved. {_DIVERGED_FIX}")
             if out.clean_logits is not None:
                 m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
             meter.add(n, **m)

@@ -22,7 +22,7 @@ from atscale.controls import AttackBudget, EarlyStopping, WeightEMA, phase_at
 from atscale.config import Config, load_config, save_config
 from atscale.data import ensure_dataset, make_loader
 from atscale.data.augment import AutoAugmentBatch
-from atscale.engine import DIVERGED_FIX, TrainingDiverged, evaluate, nonfinite_state, train_one_epoch
+from atscale.engine import evaluate, refuse_nonfinite_state, train_one_epoch
 from atscale.export import export_timm
 from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.models import build_from_config
@@ -190,10 +190,7 @@ def _main(cfg: Config, env: dist.DistEnv, device: torch.device) -> dict[str, Any
     def checkpoint(at_epoch: int, at_batch: int, at_step: int) -> None:
         """All ranks call this (DeepSpeed writes one optimizer partition per rank); rank 0 writes the step file.
         Weights with a NaN or inf are never written: the run stops and the last good checkpoint stays the newest."""
-        bad = nonfinite_state(updater.module)
-        if bad:
-            raise TrainingDiverged(f"training diverged: {len(bad)} weight or BN-statistics tensors hold NaN or inf at "
-                                   f"step {at_step} (first: {bad[0]}); not saving them. {DIVERGED_FIX}")
+        refuse_nonfinite_state(updater.module, at_step)
         if at_batch >= len(phase["loader"]) // accum * accum:
             at_epoch, at_batch = at_epoch + 1, 0
         state = updater.save_state(ckpts.root, ckpts.step_name(at_step), main_rank)
