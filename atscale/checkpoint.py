@@ -1,45 +1,31 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, fsynced, then renamed over the target.
+"""Checkpoint files: atomic writes, the ``<run>/checkpoints`` folder with retention, safe loads, and the model read
+back from a checkpoint (what ``atscale eval`` and ``export`` use).
 
-A process killed while saving leaves the previous checkpoint intact and at most a stray ``*.tmp`` file, never a torn
-``.pt``. Checkpoints are plain dicts of state_dicts, tensors, numbers and the config as YAML text, so they load with
-``torch.load(weights_only=True)``.
+The state inside a file is :meth:`atscale.training.run.Run.state_dict`'s (the one writer of the format); this module
+reads the keys every checkpoint holds: ``model`` (and ``model_ema`` when the run kept an average), ``config`` (YAML
+text) and ``meta`` (the dataset's meta.json as text). Files are written to a temporary file in the same folder, fsynced
+and renamed, so a kill mid-save leaves the previous checkpoint intact; they hold only state_dicts, tensors, numbers and
+text, so they load with ``torch.load(weights_only=True)``. Layer: above config, models and distributed; below training
+and evaluation.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model it is loaded into."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from atscale.config import Config, config_from_yaml_text
+from atscale.errors import CheckpointError, ConfigError
+from atscale.fsio import atomic_write_bytes
+from atscale.layers.mixture_bn import set_default_domain
+from atscale.models import NormalizedModel, build_from_config
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -56,8 +42,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointError(
-            f"checkpoint '{path}' cannot be read safely ({type(e).__name__}: {e}); it is corrupt or not an atscale "
-            "checkpoint (atscale checkpoints load with weights_only=True)") from e
+            f"checkpoint '{path}' cannot be read safely ({type(e).__name__}): it is truncated, corrupt, or holds "
+            "objects other than tensors and plain values, so it is not an atscale checkpoint",
+            "pass a .pt file written by `atscale train`, or resume from an earlier step_*.pt; never load an "
+            "untrusted file with weights_only=False") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint '{path}' is not an atscale checkpoint (no 'model' and 'config' entries)")
     return state
@@ -113,3 +101,41 @@ class CheckpointDir:
         if not p.is_file():
             raise CheckpointError(f"run.resume = '{resume}' is not a file; use 'auto' or a path to a checkpoint")
         return p
+
+
+def load_model_state(model: nn.Module, state: dict, where: str, cfg: Config) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a one-line error naming the mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:2])[:300] or lines[0][:300]
+        raise CheckpointError(f"checkpoint '{where}' does not fit model '{cfg.model.arch}' {cfg.model.kwargs} "
+                              f"({detail})", "use the same model.* settings as the run that wrote it") from None
+
+
+def model_from_state(state: dict, where: str | Path, device: torch.device, bn_domain: str = "",
+                     weights: str = "auto") -> tuple[NormalizedModel, Config, dict]:
+    """The trained model of a loaded checkpoint in eval mode, its run's config and the dataset meta. Mixture BN models
+    evaluate ``bn_domain`` (default: the run's ``model.eval_domain``). ``weights``: "auto" = the EMA weights when the
+    run kept them (``optim.ema_decay``; what its evaluation and export used), else the raw ones; "raw" or "ema"."""
+    cfg = config_from_yaml_text(state["config"])
+    meta = json.loads(state["meta"])
+    model = build_from_config(cfg.model, meta["num_classes"]).to(device)
+    if weights == "ema" and "model_ema" not in state:
+        raise ConfigError(f"checkpoint '{where}' holds no EMA weights (the run had optim.ema_decay = 0)",
+                          "use eval.weights=auto or raw")
+    use_ema = weights == "ema" or (weights == "auto" and "model_ema" in state)
+    load_model_state(model, state["model_ema" if use_ema else "model"], str(where), cfg)
+    if bn_domain:
+        if bn_domain not in cfg.model.bn_domains:
+            raise ConfigError(f"BN domain {bn_domain!r} is not one of this model's BN domains "
+                              f"{cfg.model.bn_domains or '(none)'}", "name one of them, or none for a plain-BN model")
+        set_default_domain(model, bn_domain)
+    return model.eval(), cfg, meta
+
+
+def model_from_checkpoint(path: str | Path, device: torch.device, bn_domain: str = "",
+                          weights: str = "auto") -> tuple[NormalizedModel, Config, dict]:
+    """:func:`model_from_state` of the checkpoint file ``path``."""
+    return model_from_state(load_checkpoint(path, map_location=device), path, device, bn_domain, weights)

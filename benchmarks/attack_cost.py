@@ -81,7 +81,7 @@ def digits_model_and_data(args: argparse.Namespace, device: torch.device) -> tup
     """Train (or load) the tiny digits ResNet; return it in eval mode with the first validation images."""
     from atscale.config import DataCfg, load_config
     from atscale.data import build_digits, make_loader
-    from atscale.evaluate import model_from_checkpoint
+    from atscale.checkpoint import model_from_checkpoint
     from atscale.train import main
 
     work = Path(tempfile.mkdtemp(prefix="attack_cost_"))

@@ -45,9 +45,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from atscale import distributed as dist
     from atscale.attacks import PGD
-    from atscale.engine import autocast
+    from atscale.runtime import autocast
     from atscale.models import create_model
-    from atscale.objectives import Madry
+    from atscale.training.objectives import Madry
 
     torch.set_num_threads(args.threads_per_rank)
     env = dist.DistEnv.from_env()

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from atscale.config import load_config  # noqa: E402
-from atscale.evaluate import eval_checkpoint  # noqa: E402
+from atscale.evaluate import evaluate_checkpoint  # noqa: E402
 from atscale.train import main as train_main  # noqa: E402
 
 COMMON = {"attack.eps": 32, "attack.step": 16, "attack.iters": 2, "attack.targeted": False,
@@ -91,8 +91,8 @@ def run_one(label: str, seed: int, epochs: int, data_root: str, out_dir: Path, t
     rows = []
     for dom in domains or ("",):
         ev = res["eval"] if not dom or dom == (cfg.model.eval_domain or cfg.model.bn_domains[0]) else \
-            eval_checkpoint(cfg.run_dir / "checkpoints" / "last.pt", bn_domain=dom, progress=False,
-                            out=cfg.run_dir / f"eval_{dom}")
+            evaluate_checkpoint(cfg.run_dir / "checkpoints" / "last.pt", [
+                f"eval.bn_domain={dom}", "log.progress=false", f"eval.out={cfg.run_dir / f'eval_{dom}'}"])["results"]
         name = f"{label} [{dom} BN]" if dom else label
         rows.append({"strategy": name, "preset": preset, "seed": seed, "clean": ev["clean"]["acc"],
                      "pgd10": ev["pgd10"]["acc"], "train_seconds": secs, "epochs": cfg.schedule.epochs,

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from atscale.optim import use_fused  # noqa: E402
+from atscale.training.optim import use_fused  # noqa: E402
 from train_step import (Switches, build_ours, device_info, emit, log, measure, setup_device,  # noqa: E402
                         synthetic_batch, sync)
 

@@ -52,7 +52,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from atscale.models.factory import create_model  # noqa: E402
-from atscale.optim import use_fused  # noqa: E402
+from atscale.training.optim import use_fused  # noqa: E402
 from train_step import (Switches, build_ours, build_plain, device_info, emit, log, measure,  # noqa: E402
                         setup_device, synthetic_batch, sync)
 

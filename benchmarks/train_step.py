@@ -41,12 +41,13 @@ from torch import nn
 
 from atscale.attacks.pgd import PGD
 from atscale.config import PerfCfg
-from atscale.engine import autocast
+from atscale.distributed.updater import DDPUpdater
 from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.models.factory import create_model
-from atscale.objectives import Madry
-from atscale.optim import param_groups, use_fused
-from atscale.perf import compile_model, set_backend_flags
+from atscale.training.objectives import Madry
+from atscale.training.optim import param_groups, use_fused
+from atscale.runtime import compile_model, set_backend_flags
+from atscale.training.loop import train_step
 
 EPS, STEP = 16 / 255, 1 / 255
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -180,14 +181,10 @@ def build_ours(args: argparse.Namespace, device: torch.device, sw: Switches,
     opt = torch.optim.SGD(param_groups(model, WEIGHT_DECAY, False), lr=LR, momentum=MOMENTUM, nesterov=True,
                           fused=True if sw.fused else None)
 
-    def step() -> float:
-        x_adv = attack(model, x, y)
-        with autocast(device, amp_dtype):
-            out = objective(model, x, x_adv, y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        return out.loss.item()
+    updater = DDPUpdater(model, opt, device, accum=1, amp_dtype=amp_dtype)
+
+    def step() -> float:  # the step `atscale train` runs (atscale.training.loop.train_step)
+        return train_step(updater, attack, objective, x, y, amp_dtype=amp_dtype).loss.item()
 
     return step
 

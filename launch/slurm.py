@@ -10,7 +10,7 @@ LOCAL_RANK, LOCAL_WORLD_SIZE) from submitit's job environment and runs ``atscale
 ``run.resume=auto``.
 
 Preemption / time limit: SLURM sends USR2 ``--signal`` seconds before the end (``#SBATCH --signal=USR2@120``).
-``TrainJob`` routes that signal to ``atscale.preempt.request_stop``; the training loop saves a checkpoint at the next
+``TrainJob`` routes that signal to ``atscale.train.request_stop``; the training loop saves a checkpoint at the next
 step boundary and ``main`` returns ``{"stopped": True, "reason": "preempted"}``. Only then is submitit's own handler
 called: it pickles ``TrainJob.checkpoint()`` (the same job, ``run.resume=auto``) and requeues (``scontrol requeue`` on
 SLURM, exit code 144 for the local executor), so the next run continues from ``runs/<name>/checkpoints/last.pt``.
@@ -73,9 +73,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         return self.overrides + ([f"run.resume={self.resume}"] if self.resume else [])
 
     def __call__(self) -> dict[str, Any]:
-        from atscale import preempt
-        from atscale.config import load_config
-        from atscale.train import main
+        from atscale.train import clear_stop, install_stop_handler, load_config, main
 
         os.chdir(self.workdir)
         if str(REPO_ROOT) not in sys.path:
@@ -87,9 +85,9 @@ class TrainJob(submitit.helpers.Checkpointable):
               f"(local {dist_env.local_rank}/{dist_env.local_world_size}) master "
               f"{dist_env.master_addr}:{dist_env.master_port}", file=sys.stderr, flush=True)
         sig = env._usr_sig()
-        preempt.clear()
+        clear_stop()
         # submitit installed checkpoint_and_try_requeue for `sig`; defer it until the loop has saved a checkpoint.
-        previous = preempt.install_handler(sig)
+        previous = install_stop_handler(sig)
         result = main(load_config(self.config, self.config_overrides()))
         if isinstance(result, dict) and result.get("stopped") and result.get("reason") == "preempted":
             print(f"atscale TrainJob: stopped at step {result.get('step')} after {signal.Signals(sig).name}; "
@@ -246,7 +244,7 @@ def submit(job: TrainJob, params: dict[str, Any], folder: str | Path, local: boo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from atscale.config import ConfigError, load_config
+    from atscale.train import ConfigError, load_config
 
     try:
         args = parse_args(argv)

@@ -59,7 +59,7 @@ def digits_root(tmp_path_factory) -> Path:
 def trained_digits_model(digits_root, tmp_path_factory):
     """A tiny timm ResNet trained cleanly on digits for a few epochs (~95% clean accuracy), in eval mode."""
     from atscale.config import load_config
-    from atscale.evaluate import model_from_checkpoint
+    from atscale.checkpoint import model_from_checkpoint
     from atscale.train import main
 
     out = tmp_path_factory.mktemp("runs")

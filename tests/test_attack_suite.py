@@ -309,7 +309,7 @@ def source_model(digits_root, tmp_path_factory):
     from conftest import tiny_overrides
 
     from atscale.config import load_config
-    from atscale.evaluate import model_from_checkpoint
+    from atscale.checkpoint import model_from_checkpoint
     from atscale.train import main
 
     out = tmp_path_factory.mktemp("source")

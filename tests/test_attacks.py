@@ -7,9 +7,9 @@ import torch
 
 from atscale.attacks import PGD, attack_mode, build_attack, fgsm_rs
 from atscale.config import AttackCfg
-from atscale.engine import evaluate
+from atscale.evaluation.evaluator import run_suite
+from atscale.evaluation.suites import run_suite_of
 from atscale.models import create_model
-from atscale.train import eval_attacks
 
 
 def _random_model(num_classes: int = 10) -> torch.nn.Module:
@@ -130,9 +130,12 @@ def test_pgd_accuracy_does_not_increase_with_more_steps(trained_digits_model, di
     from atscale.data import make_loader
 
     model, cfg = trained_digits_model
-    ev = cfg.eval.__class__(steps=[1, 2, 5, 10, 20], eps=16, step=2, targeted=targeted)
+    # k >= eps / step: every PGD-k steps by the same 2/255 (the step rule max(step, eps/k)), so PGD-j's iterates are a
+    # prefix of PGD-k's and the first-hit rule makes accuracy non-increasing in k
+    ev = cfg.eval.__class__(steps=[8, 10, 20, 40], eps=16, step=2, targeted=targeted)
     loader = make_loader(digits_root, "val", cfg.data, torch.device("cpu"), 0, train=False)
-    res = evaluate(model, loader, eval_attacks(ev, None, 0), progress=False)
+    res = run_suite(model, loader, run_suite_of(ev), progress=False, probes=False)["results"]
+    assert all(res[f"pgd{k}"]["step"] == 2 for k in ev.steps)
     accs = [res[f"pgd{k}"]["acc"] for k in ev.steps]
     rates = [res[f"pgd{k}"]["success_rate"] for k in ev.steps]
     assert all(a >= b for a, b in zip(accs, accs[1:])), accs

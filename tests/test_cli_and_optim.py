@@ -10,8 +10,8 @@ import torch
 
 from atscale.config import ScheduleCfg, load_config
 from atscale.models import create_model
-from atscale.optim import build_optimizer, lr_factor, param_groups
-from atscale.runlog import read_log
+from atscale.training.optim import build_optimizer, lr_factor, param_groups
+from atscale.reporting.runlog import read_log
 from atscale.train import main
 from conftest import tiny_overrides
 
@@ -24,13 +24,18 @@ def test_cli_eval_writes_eval_json_and_plot(trained_digits_model, tmp_path: Path
     rc = cli(["eval", "--checkpoint", str(ckpt), "--attacks", "pgd1,pgd3", "--eps", "16", "--step", "4",
               "--targeted", "--max-images", "100", "--out", str(tmp_path)])
     assert rc == 0
-    res = json.loads((tmp_path / "eval.json").read_text())
-    assert set(res) == {"clean", "pgd1", "pgd3"}
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    res = doc["results"]
+    assert set(res) == {"clean", "pgd1", "pgd3"} and doc["suite"]["name"] == "run"
     assert res["clean"]["n"] == 100 and res["pgd3"]["targeted"] is True and res["pgd3"]["eps"] == pytest.approx(16)
-    assert res["pgd3"]["acc"] <= res["pgd1"]["acc"] and res["pgd3"]["acc"] < res["clean"]["acc"]
-    assert 0 <= res["pgd1"]["success_rate"] <= res["pgd3"]["success_rate"] <= 1
-    assert (tmp_path / "accuracy_vs_steps.png").stat().st_size > 1000
-    assert "| pgd3 | 3 |" in capfd.readouterr().out
+    # the one step rule: max(step, eps / k), so each PGD-k can reach the boundary of its budget
+    assert res["pgd1"]["step"] == pytest.approx(16) and res["pgd3"]["step"] == pytest.approx(16 / 3)
+    assert res["pgd3"]["step_rule"] == "max(step, eps / k)"
+    assert res["pgd3"]["acc"] < res["clean"]["acc"] and res["pgd3"]["acc"] <= res["pgd3"]["adv_acc"]
+    assert 0 <= res["pgd1"]["success_rate"] <= 1 and 0 <= res["pgd3"]["success_rate"] <= 1
+    assert doc["checkpoint_info"]["checkpoint"] == str(ckpt) and doc["eval_config"]["eps"] == 16
+    assert (tmp_path / "accuracy_vs_iterations.png").stat().st_size > 1000
+    assert "| pgd3 | pgd | white-box |" in capfd.readouterr().out
     assert cli(["eval", "--checkpoint", str(ckpt), "--attacks", "autoatack"]) == 2
     assert "unknown attack 'autoatack'" in capfd.readouterr().err
     assert cli(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2

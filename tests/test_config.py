@@ -36,7 +36,7 @@ def test_resolved_config_round_trips_through_yaml() -> None:
     (["data.rrc_scale=[0.9, 0.1]"], r"'data.rrc_scale' .* expected two numbers 0 < lo <= hi <= 1"),
     (["optim.momentum=0"], r"optim.nesterov needs momentum, but optim.momentum = 0.0; set optim.nesterov=false"),
     (["optim.momentum=-0.5"], r"'optim.momentum' = -0.5 is out of range"),
-    (["attack"], r"must look like section.key=value"),
+    (["attack"], r"is not of the form section.key=value"),
     (["eps=3"], r"must name a section and a key"),
 ])
 def test_bad_overrides_fail_with_clear_messages(override: list[str], pattern: str) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from atscale.checkpoint import CheckpointError, load_checkpoint
+from atscale.errors import CheckpointError
+from atscale.checkpoint import load_checkpoint
 from atscale.config import load_config
-from atscale.evaluate import model_from_checkpoint
+from atscale.checkpoint import model_from_checkpoint
 from atscale.train import main
 from conftest import tiny_overrides
 from test_distributed import CLEAN, EQUIV, GN, REPO, _assert_same, _torchrun, _weights

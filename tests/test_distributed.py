@@ -96,7 +96,7 @@ def test_pgd_in_the_loop_under_ddp_matches_one_process(digits_root: Path, tmp_pa
 def _bn_layer_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as tdist
 
-    from atscale.distributed import convert_sync_bn
+    from atscale.layers.sync_bn import convert_sync_bn
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
@@ -157,7 +157,7 @@ def _bn_batches(steps: int = 6):
 def _sync_bn_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as tdist
 
-    from atscale.distributed import convert_sync_bn
+    from atscale.layers.sync_bn import convert_sync_bn
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
@@ -204,7 +204,7 @@ def test_distributed_eval_counts_every_image_once(digits_root: Path, tmp_path: P
     over = tiny_overrides(digits_root, tmp_path, "ev2", **{**EQUIV, **CLEAN, "run.max_steps": 0,
                                                            "data.batch_size": 32, "eval.steps": [1]})
     _torchrun(over, nnodes=1, nproc=2)
-    res = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    res = json.loads((tmp_path / "ev2" / "eval.json").read_text())["results"]
     assert res["clean"]["n"] == 359 == res["pgd1"]["n"]  # 359 val images over 2 ranks: 180 + 179, none twice
     for k in ("clean", "pgd1"):
         correct = res[k]["acc"] * 359

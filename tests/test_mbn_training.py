@@ -9,7 +9,8 @@ import timm
 import torch
 
 from atscale.config import ConfigError, load_config
-from atscale.evaluate import eval_checkpoint, export_checkpoint, model_from_checkpoint
+from atscale.checkpoint import model_from_checkpoint
+from atscale.evaluate import evaluate_checkpoint, export_checkpoint
 from atscale.train import main
 from conftest import tiny_overrides
 
@@ -21,7 +22,8 @@ def test_mbn_domains_show_the_papers_pattern_and_export(digits_root: Path, tmp_p
         "schedule.epochs": 3, "eval.steps": [5], "eval.max_images": 359})
     main(load_config(None, over))
     ckpt = tmp_path / "mbn" / "checkpoints" / "last.pt"
-    res = {d: eval_checkpoint(ckpt, bn_domain=d, progress=False, out=tmp_path / d) for d in ("clean", "adv")}
+    res = {d: evaluate_checkpoint(ckpt, [f"eval.bn_domain={d}", "log.progress=false", f"eval.out={tmp_path / d}"])[
+        "results"] for d in ("clean", "adv")}
     assert res["clean"]["clean"]["acc"] > res["adv"]["clean"]["acc"]
     assert res["adv"]["pgd5"]["acc"] > res["clean"]["pgd5"]["acc"]
 
@@ -62,7 +64,7 @@ def test_fine_grained_advprop_routes_clean_autoaugment_and_adversarial_to_their_
     from atscale.layers.context import bn_domain
     from atscale.layers.mixture_bn import MixtureBatchNorm2d
     from atscale.models import create_model
-    from atscale.objectives import FineGrainedAdvProp
+    from atscale.training.objectives import FineGrainedAdvProp
 
     torch.manual_seed(0)
     model = create_model("resnet18", 10, [0.5] * 3, [0.5] * 3, {"channels": [8, 16, 32, 64]},

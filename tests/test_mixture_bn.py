@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from atscale.distributed import DistBatchNorm2d
+from atscale.layers.sync_bn import DistBatchNorm2d
 from atscale.layers.context import domain, domain_split
 from atscale.layers.mixture_bn import (MixtureBatchNorm2d, collapse_mixture_bn, convert_to_mixture_bn,
                                        mixture_domains, set_default_domain)
@@ -287,7 +287,7 @@ def test_torch_syncbatchnorm_before_or_after_conversion() -> None:
 def _sync_mbn_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as tdist
 
-    from atscale.distributed import convert_sync_bn
+    from atscale.layers.sync_bn import convert_sync_bn
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)

@@ -15,10 +15,11 @@ from torch import nn
 from atscale.attacks import PGD
 from atscale.checkpoint import load_checkpoint
 from atscale.config import ConfigError, load_config
-from atscale.controls import AttackBudget, EarlyStopping, phase_at
+from atscale.training.controls import EarlyStopping, phase_at
+from atscale.training.schedule import plan_at
 from atscale.models import create_model
-from atscale.objectives import CleanRatio, Free, LogitPairing, Mart, Trades, build_objective
-from atscale.optim import lr_factor
+from atscale.training.objectives import CleanRatio, Free, LogitPairing, Mart, Trades, build_objective
+from atscale.training.optim import lr_factor
 from atscale.train import main
 from conftest import tiny_overrides
 
@@ -150,11 +151,15 @@ def test_short_training_lowers_the_objective(name):
 
 
 def test_controls_units():
+    cfg = load_config(None, ["attack.warmup_epochs=2", "schedule.warmup_epochs=0", "schedule.name=constant"])
+    half = plan_at(cfg, 0, 50, 100, 0.1, 8 / 255, 2 / 255)  # epoch 0.5 of a 2-epoch budget warmup
+    assert half.epoch == 0.5 and half.lr == pytest.approx(0.1)
+    assert half.eps == pytest.approx(2 / 255) and half.step == pytest.approx(0.5 / 255)
+    full = plan_at(cfg, 3, 0, 100, 0.1, 8 / 255, 2 / 255)
+    assert full.eps == pytest.approx(8 / 255) and full.step == pytest.approx(2 / 255)
     pgd = PGD(8 / 255, 2 / 255, 3)
-    b = AttackBudget(pgd, warmup_epochs=2.0)
-    assert b.apply(0.5) == 0.25 and pgd.eps == pytest.approx(2 / 255) and pgd.step == pytest.approx(0.5 / 255)
-    b.apply(3.0)
-    assert pgd.eps == pytest.approx(8 / 255) and pgd.step == pytest.approx(2 / 255)
+    pgd.set_budget(half.eps, half.step)
+    assert pgd.eps == half.eps and pgd.step == half.step
     st = EarlyStopping(patience=2)
     assert st.update(0.3, 1) == (True, False) and st.update(0.3, 2) == (False, False)
     assert st.update(0.5, 3) == (True, False) and st.update(0.4, 4) == (False, False)
@@ -231,7 +236,7 @@ def test_early_stopping_selects_best_and_progressive_resizing(digits_root: Path,
 
 
 def test_checkpoint_evaluation_uses_ema_weights_when_kept(digits_root: Path, tmp_path: Path) -> None:
-    from atscale.evaluate import model_from_checkpoint
+    from atscale.checkpoint import model_from_checkpoint
 
     over = tiny_overrides(digits_root, tmp_path, "ema", **{"optim.ema_decay": 0.5, "run.max_steps": 3})
     main(load_config(None, over))

@@ -22,11 +22,11 @@ from atscale.checkpoint import load_checkpoint
 from atscale.layers.checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from atscale.layers.denoise import DenoiseBlock, insert_denoise
 from atscale.models.factory import create_model
-from atscale.objectives import build_objective
-from atscale.optim import build_optimizer, use_fused
-from atscale.perf import compile_model
+from atscale.training.objectives import build_objective
+from atscale.training.optim import build_optimizer, use_fused
+from atscale.runtime import compile_model
 from atscale.train import main
-from atscale.updater import DDPUpdater
+from atscale.distributed.updater import DDPUpdater
 from conftest import TINY_MODEL, tiny_overrides
 
 

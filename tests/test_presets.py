@@ -12,13 +12,13 @@ from torch import nn
 
 from atscale.config import ConfigError, load_config
 from atscale.data.augment import AutoAugmentBatch
-from atscale.evaluate import model_from_checkpoint
+from atscale.checkpoint import model_from_checkpoint
 from atscale.layers.activations import ACTIVATIONS
 from atscale.layers.denoise import DenoiseBlock
 from atscale.layers.mixture_bn import MixtureBatchNorm2d
 from atscale.models.registry import ATSCALE_MODELS, base_model_args
-from atscale.optim import lr_factor
-from atscale.presets import digits_twin
+from atscale.training.optim import lr_factor
+from atscale.config.twins import digits_twin
 from atscale.train import main
 
 PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "imagenet").glob("*.yaml"))

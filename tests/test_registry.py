@@ -15,7 +15,7 @@ from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 import atscale.models.registry as registry
-from atscale.export import export_timm
+from atscale.models.export import export_timm
 from atscale.layers.activations import ACTIVATIONS, get_act_layer
 from atscale.layers.denoise import DenoiseBlock, MeanFilter, NonLocalMeans
 from atscale.models.normalize import NormalizedModel

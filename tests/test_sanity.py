@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from atscale import sanity
+from atscale.evaluation import sanity
 from atscale.config import DataCfg
 from atscale.data import make_loader
-from atscale.suite import run_suite, suite_from_dict, write_outputs
+from atscale.evaluation.evaluator import run_suite
+from atscale.evaluation.outputs import write_outputs
+from atscale.evaluation.suites import suite_from_dict
 
 
 def _row(acc: float, steps: int = 10, eps: float = 8.0, attack: str = "pgd", kind: str = "white-box",

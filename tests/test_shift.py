@@ -15,7 +15,7 @@ from torch import nn
 
 from atscale.data import DatasetError
 from atscale.data.sources import digits_splits
-from atscale.shift import corruption_errors, evaluate_shift, load_baseline
+from atscale.evaluation.shift import corruption_errors, evaluate_shift, load_baseline
 
 SUBSET = ["2", "5", "7"]
 

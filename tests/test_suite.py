@@ -13,25 +13,26 @@ import pytest
 import yaml
 
 from atscale.config import ConfigError
-from atscale.suite import AttackSpec, build_attack, get_suite, suite_from_dict
+from atscale.config import EvalCfg
+from atscale.evaluation.suites import AttackSpec, build_attack, get_suite, suite_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_named_suites_follow_the_protocols() -> None:
-    fd = get_suite("fd")
+    fd = get_suite("fd", EvalCfg())
     rows = {s.label: s for s in fd.attacks}
     assert list(rows) == ["pgd10", "pgd100", "pgd1000", "pgd2000"]
     assert all(s.eps == 16 and s.targeted and s.random_start and s.attack == "pgd" for s in rows.values())
     assert rows["pgd10"].step_size == pytest.approx(1.6) and rows["pgd2000"].step_size == 1.0
-    rb = get_suite("robustbench")
+    rb = get_suite("robustbench", EvalCfg())
     (aa,) = rb.attacks
     assert (aa.attack, aa.eps, aa.norm, aa.targeted, rb.robustbench) == ("standard", 4.0, "linf", False, True)
-    quick = get_suite("quick", defaults=(32.0, 8.0, False))
+    quick = get_suite("quick", EvalCfg(eps=32.0, step=8.0, targeted=False))
     (q,) = quick.attacks
     assert (q.label, q.eps, q.steps, q.step_size, q.targeted) == ("pgd10", 32.0, 10, 8.0, False)
-    assert get_suite("quick", eps=4, targeted=True).attacks[0].eps == 4
-    full = get_suite("full", defaults=(16.0, 1.0, True))
+    assert get_suite("quick", EvalCfg(eps=4, targeted=True), ["eval.eps"]).attacks[0].eps == 4
+    full = get_suite("full", EvalCfg(eps=16.0, step=1.0, targeted=True))
     kinds = {s.kind for s in full.attacks}
     assert kinds == {"white-box", "black-box"}
     assert {s.steps for s in full.attacks if s.attack == "pgd" and s.eps == 16 and s.restarts == 1
@@ -46,9 +47,9 @@ def test_named_suites_follow_the_protocols() -> None:
             assert atk.eps == pytest.approx(min(s.eps, 255) / 255) and atk.targeted == s.targeted
 
     with pytest.raises(ConfigError, match="fixes its budget"):
-        get_suite("fd", eps=8)
+        get_suite("fd", EvalCfg(eps=8), ["eval.eps"])
     with pytest.raises(ConfigError, match="unknown suite"):
-        get_suite("autoatack")
+        get_suite("autoatack", EvalCfg())
     with pytest.raises(ConfigError, match="unknown: \\['iters'\\]"):
         suite_from_dict({"attacks": [{"label": "x", "attack": "pgd", "iters": 3}]})
     with pytest.raises(ConfigError, match="unknown attack 'pgdd'"):
@@ -123,13 +124,13 @@ def test_cli_suite_writes_consistent_reports(trained_digits_model, tmp_path: Pat
     assert "fixes its budget" in capfd.readouterr().err
     assert cli(["eval", str(ckpt), "--suite", "quick", "--attacks", "pgd3"]) == 2
     assert cli(["eval", "--suite", "quick"]) == 2
-    assert "give the checkpoint" in capfd.readouterr().err
+    assert "no checkpoint given" in capfd.readouterr().err
 
 
 def test_two_ranks_count_every_image_once(trained_digits_model, tmp_path: Path) -> None:
     """359 val images on 2 gloo ranks (shards of 180 and 179) and a 41-image shift set: the same counts as one
     process (the shift set's .beton is written once, by rank 0, and read by both)."""
-    from atscale.evaluate import eval_suite
+    from atscale.evaluate import evaluate_checkpoint
 
     _, cfg = trained_digits_model
     ckpt = cfg.run_dir / "checkpoints" / "last.pt"
@@ -146,8 +147,9 @@ def test_two_ranks_count_every_image_once(trained_digits_model, tmp_path: Path) 
         (tmp_path / "set" / classes[y]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(tmp_path / "set" / classes[y] / f"{i}.png")
     shift = ["--shift-root", str(tmp_path / "set"), "--shift-layout", "folder"]  # .beton cache: <out>/shift_cache
-    one = eval_suite(ckpt, suite=str(spec), max_images=0, out=tmp_path / "one", progress=False,
-                     shift=[(str(tmp_path / "set"), "folder")])
+    one = evaluate_checkpoint(ckpt, [f"eval.suite={spec}", "eval.max_images=0", f"eval.out={tmp_path / 'one'}",
+                                     "log.progress=false", f"eval.shift.roots=[{tmp_path / 'set'}]",
+                                     "eval.shift.layouts=[folder]"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "atscale.evaluate", str(ckpt), "--suite", str(spec), "--max-images", "0",

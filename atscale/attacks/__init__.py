@@ -4,7 +4,8 @@ Every attack object has ``perturb(model, x, y) -> AttackResult(x_adv, target, su
 x_adv``, attributes ``name``, ``eps`` (fraction of [0, 1]), ``iters`` (steps or queries), ``targeted``, ``seed``,
 ``step`` and ``reseed(seed)``; it runs inside ``attack_mode(model)`` and draws all randomness from its own seeded
 generator. ``build_attack`` turns a training config (0..255 units) into one; ``make_attack`` builds the evaluation
-suite's attacks by name (budgets already fractions).
+suite's attacks by name (budgets already fractions). Layer: above models and config; below distributed, evaluation and
+training.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from atscale.config.units import to_fraction
 from atscale.attacks.adaptive import BPDA, EOT, Quantize
 from atscale.attacks.apgd import APGD, APGDT, apgd_checkpoints
 from atscale.attacks.base import Attack, AttackResult, NoAttack, SeededAttack, attack_mode
@@ -34,8 +36,9 @@ _TRANSFER = {"i-fgsm": (0.0, 0.0, 0), "mi-fgsm": (1.0, 0.0, 0), "di2-fgsm": (0.0
 
 
 def build_attack(attack_cfg, amp_dtype: torch.dtype | None = None, seed: int = 0):
-    """Config (budgets in 0..255 pixel units) -> attack object (budgets as fractions); the one place units convert."""
-    eps, step = attack_cfg.eps / 255.0, attack_cfg.step / 255.0
+    """The training attack of an ``AttackCfg`` (budgets in 0..255 pixel units, converted by
+    :func:`atscale.config.units.to_fraction`) as an attack object (budgets as fractions)."""
+    eps, step = to_fraction(attack_cfg.eps), to_fraction(attack_cfg.step)
     if attack_cfg.name == "none" or eps == 0:
         return NoAttack()
     if attack_cfg.name == "fgsm":

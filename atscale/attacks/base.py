@@ -54,6 +54,11 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
 class NoAttack:
     """Identity attack, for clean (standard) training."""
 
+    eps = step = 0.0
+
+    def set_budget(self, eps: float, step: float) -> None:
+        pass
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -98,6 +103,10 @@ class SeededAttack:
         if "gen" in state:
             self._pending_state = state["gen"]
             self._gen = None
+
+    def set_budget(self, eps: float, step: float) -> None:
+        """The budget of the next calls (fractions of [0, 1]); training's eps/step warmup sets it per step."""
+        self.eps, self.step = eps, step
 
     def reseed(self, seed: int) -> None:
         self.seed, self._gen, self._pending_state = seed, None, None

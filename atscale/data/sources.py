@@ -10,11 +10,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from atscale.errors import DatasetError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing or malformed; the message says where it was looked for and how to make it."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from atscale.checkpoint import atomic_write_bytes
+from atscale.fsio import atomic_write_bytes
 from atscale.data.sources import (ArraySplit, DatasetError, FileSplit, cifar10_splits, digits_splits,
                                   imagefolder_split, scan_image_files)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from atscale.errors import ConfigError
 from atscale.layers.context import in_attack, snapshot
 
 
@@ -95,7 +96,7 @@ def enable_activation_checkpointing(model: nn.Module, attack: bool = True) -> in
             m._atscale_ckpt_attack = attack
             n += 1
     if n == 0:
-        raise ValueError(f"perf.activation_checkpointing: {type(model).__name__} has no residual blocks this knows "
+        raise ConfigError(f"perf.activation_checkpointing: {type(model).__name__} has no residual blocks this knows "
                          "(timm ResNet/ResNeXt, EfficientNet, denoising blocks); turn it off for this architecture")
     return n
 

@@ -14,7 +14,7 @@ AdvProp evaluates with the main BNs and drops the auxiliary ones, Sec 7.4.3).
 
 timm's BN + activation layers (``BatchNormAct2d``) are split: each domain holds a plain ``nn.BatchNorm2d`` and the
 MBN layer applies the shared ``drop`` and ``act`` modules after it; collapsing rebuilds a ``BatchNormAct2d``. So the
-per-domain BNs are always plain BNs, and ``atscale.distributed.convert_sync_bn`` (or timm's / torch's sync-BN
+per-domain BNs are always plain BNs, and ``atscale.layers.sync_bn.convert_sync_bn`` (or timm's / torch's sync-BN
 converters) can run before or after ``convert_to_mixture_bn``.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ from timm.layers import BatchNormAct2d
 from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 
-from atscale.distributed import DistBatchNorm2d
+from atscale.layers.sync_bn import DistBatchNorm2d, DistBatchNormAct2d
 from atscale.layers.context import bn_domain, bn_split
 
 DEFAULT_DOMAINS = ("clean", "adv")
-_SYNC_BN = (nn.SyncBatchNorm, DistBatchNorm2d)
+_SYNC_BN = (nn.SyncBatchNorm, DistBatchNorm2d, DistBatchNormAct2d)
 
 
 def _check_domains(domains: Iterable[str]) -> tuple[str, ...]:
@@ -117,7 +117,9 @@ class MixtureBatchNorm2d(nn.Module):
             if sum(sizes) != x.shape[0]:
                 raise ValueError(f"domain_split sizes {tuple(split)} add up to {sum(sizes)}, but the batch has "
                                  f"{x.shape[0]} images")
-            parts = [(self.bns[self._check(d)], c) for (d, _), c in zip(split, x.split(sizes)) if c.shape[0] > 0]
+            # synchronized BNs are collectives: every rank calls each domain, even with no images of it
+            parts = [(self.bns[self._check(d)], c) for (d, _), c in zip(split, x.split(sizes))
+                     if c.shape[0] > 0 or isinstance(self.bns[d], _SYNC_BN)]
             y = torch.cat([bn(c) for bn, c in parts]) if parts else self.bns[self._default](x)
         return self.act(self.drop(y))
 
@@ -160,6 +162,10 @@ def _strip_act(bn: nn.Module) -> nn.Module:
     """timm's BN + activation layer -> the BN alone, of torch's class (SyncBatchNorm keeps its process group)."""
     if isinstance(bn, nn.SyncBatchNorm):
         return _rebuild(bn, nn.SyncBatchNorm, process_group=bn.process_group)
+    if isinstance(bn, DistBatchNormAct2d):
+        out = _rebuild(bn, DistBatchNorm2d)
+        out.process_group = bn.process_group
+        return out
     return _rebuild(bn, nn.BatchNorm2d)
 
 
@@ -183,9 +189,8 @@ def convert_to_mixture_bn(model: nn.Module, domains: Sequence[str] = DEFAULT_DOM
     Existing ``MixtureBatchNorm2d`` layers are left as they are. Synchronized BN can be set up in either order:
     ``convert_sync_bn`` first then ``convert_to_mixture_bn`` (the synced BNs are copied per domain), or
     ``convert_to_mixture_bn`` first then ``convert_sync_bn`` (it swaps the plain per-domain BNs). The second order is
-    the one to use for timm models with ``BatchNormAct2d`` (EfficientNet): ``convert_sync_bn`` leaves those unsynced on
-    CPU and, on CUDA, torch's converter turns them into ``SyncBatchNorm`` layers that skip the activation, whereas
-    after this conversion they are plain BNs followed by the shared activation.
+    the cheaper one (plain per-domain BNs are swapped); ``convert_sync_bn`` first works too, including timm's
+    ``BatchNormAct2d`` (synchronized with its activation kept, then split per domain).
     """
     doms = _check_domains(domains)
     if default not in doms:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 
-from atscale.config import Config, ConfigError
+from atscale.config.schema import Config
+from atscale.errors import ConfigError
 
 TWIN_EPOCHS = 8
 _RESNET_TWIN = {"channels": [16, 32, 64, 128], "layers": [1, 1, 1, 1]}

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from atscale import distributed as dist
 from atscale.data.sources import IMG_EXTENSIONS, DatasetError, FileSplit, scan_image_files
-from atscale.engine import autocast, first_images, rank_share
+from atscale.evaluation.evaluator import first_images, rank_share
+from atscale.runtime import autocast
 from atscale.layers.context import evaluation
 
 LAYOUTS = ("folder", "stylized", "imagenet-a", "imagenet-c")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atscale.runlog import read_log
+from atscale.reporting.runlog import read_log
 
 
 def plot_accuracy_vs_steps(results: dict, path: Path, title: str = "") -> Path:
@@ -63,16 +63,24 @@ def plot_training(log_path: Path, path: Path) -> Path | None:
 
 
 def results_table(results: dict) -> str:
-    rows = ["| attack | steps | eps | step | targeted | accuracy | attack success |", "|---|---|---|---|---|---|---|",
-            f"| clean | 0 | 0 | - | - | {100 * results['clean']['acc']:.2f}% | - |"]
+    """Markdown table of an evaluation's rows: robust accuracy (clean and attacked correct), the attacked-only
+    accuracy beside it, and the attack success rate."""
+    rows = ["| attack | steps | eps | step | targeted | robust accuracy | attacked-only accuracy | attack success |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| clean | 0 | 0 | - | - | {100 * results['clean']['acc']:.2f}% | - | - |"]
     for name, r in sorted(((k, v) for k, v in results.items() if k != "clean"), key=lambda kv: kv[1]["steps"]):
-        rows.append(f"| {name} | {r['steps']} | {r['eps']:.3g}/255 | {r['step']:.3g}/255 | {r['targeted']} | "
-                    f"{100 * r['acc']:.2f}% | {100 * r['success_rate']:.2f}% |")
+        step = f"{r['step']:.3g}/255" if "step" in r else "-"
+        adv = f"{100 * r['adv_acc']:.2f}%" if "adv_acc" in r else "-"
+        rows.append(f"| {name} | {r['steps']} | {r['eps']:.3g}/255 | {step} | {r.get('targeted', False)} | "
+                    f"{100 * r['acc']:.2f}% | {adv} | {100 * r['success_rate']:.2f}% |")
     return "\n".join(rows)
 
 
-def write_report(run_dir: Path, cfg, results: dict, meta: dict, train_summary: dict, plots: list[Path],
+def write_report(run_dir: Path, cfg, doc: dict, meta: dict, train_summary: dict, plots: list[Path],
                  export_dir: Path | None) -> Path:
+    """``report.md`` of a finished run from its final evaluation document (:func:`atscale.evaluation.evaluator.
+    run_suite`'s) and training summary."""
+    results = doc["results"]
     n = results["clean"]["n"]
     lines = [f"# atscale run `{cfg.run.name}`", "",
              f"Model `{cfg.model.arch}` trained on `{meta.get('source')}` ({meta.get('n_train')} train / "
@@ -80,8 +88,12 @@ def write_report(run_dir: Path, cfg, results: dict, meta: dict, train_summary: d
              f"objective `{cfg.objective.name}` and attack `{cfg.attack.name}` (eps {cfg.attack.eps:g}/255, step "
              f"{cfg.attack.step:g}/255, {cfg.attack.iters} iterations, targeted={cfg.attack.targeted}).", "",
              f"## Evaluation on {n} val images", "", results_table(results), "",
-             "Attack success: targeted = share of images classified as the attacker's target; untargeted = share of "
-             "clean-correct images that the attack made wrong.", "", "## Training", "",
+             "Robust accuracy counts an image when it is classified correctly both clean and attacked (the AutoAttack / "
+             "RobustBench rule); the attacked-only accuracy ignores the clean prediction. PGD-k steps by max(step, "
+             "eps/k), so every row can reach the boundary of its budget. Attack success: targeted = share of images "
+             "classified as the attacker's target; untargeted = share of clean-correct images that the attack made "
+             "wrong.", ""] + [f"- sanity flag ({f['severity']}): {f['message']}" for f in doc.get("flags", [])] + [
+             "", "## Training", "",
              f"- optimizer steps: {train_summary.get('steps')}, wall time {train_summary.get('seconds', 0):.0f} s, "
              f"{train_summary.get('img_per_s', 0):.1f} training images/s (attack included)",
              f"- final train loss {train_summary.get('loss', float('nan')):.4f}, train (adversarial) accuracy "

@@ -277,8 +277,6 @@ class FineGrainedAdvProp(Objective):
         return StepOutput(loss, adv, clean)
 
 
-SPLIT_BN_OBJECTIVES = {"mbn": ("clean", "adv"), "advprop": ("clean", "adv"),
-                       "advprop_fg": FineGrainedAdvProp.domains}  # the model.bn_domains each one needs
 
 
 def build_objective(cfg, augment=None):

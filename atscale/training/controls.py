@@ -1,39 +1,19 @@
 """Training controls from the papers and their peers, each a small object that ``train.main`` drives per step or per
 epoch:
 
-- ``AttackBudget``: epsilon and step-size warmup, both growing linearly from 0 over the first epochs (as in
-  Kannan et al.'s ImageNet ALP and Qin et al.; common with large eps or "fast" single-step training).
 - ``EarlyStopping``: robust overfitting (Rice et al. 2020): watch the robust accuracy of the periodic validation checks,
   keep the best weights (``best.pt``), stop after ``patience`` checks without improvement.
 - ``WeightEMA``: an exponential moving average of the weights and BN buffers (timm's ``ModelEmaV3``), evaluated and
   exported instead of the raw weights.
 - ``phase_at``: the progressive-resizing phase (image size, batch size) of an epoch ("fast" training, Wong et al.).
-BN train/test consistency (Xie thesis Sec 6.4.3) is ``atscale.engine.freeze_bn_statistics``.
+BN train/test consistency (Xie thesis Sec 6.4.3) is ``atscale.training.loop.freeze_bn_statistics``; the attack
+budget's warmup is ``atscale.training.schedule``.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
-
-
-class AttackBudget:
-    """Scales an attack's ``eps`` and ``step`` by min(1, epoch / warmup_epochs); warmup 0 leaves them unchanged."""
-
-    def __init__(self, attack: Any, warmup_epochs: float):
-        self.attack, self.warmup = attack, warmup_epochs
-        self.eps, self.step = getattr(attack, "eps", 0.0), getattr(attack, "step", 0.0)
-
-    def factor(self, epoch: float) -> float:
-        return 1.0 if self.warmup <= 0 else min(1.0, max(0.0, epoch) / self.warmup)
-
-    def apply(self, epoch: float) -> float:
-        f = self.factor(epoch)
-        if self.warmup > 0 and hasattr(self.attack, "eps"):
-            self.attack.eps = self.eps * f
-            if hasattr(self.attack, "step"):
-                self.attack.step = max(self.step * f, 1e-12)
-        return f
 
 
 class EarlyStopping:

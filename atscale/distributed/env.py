@@ -13,7 +13,8 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
+from atscale.errors import RunEnvironmentError
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def backend_for(device: torch.device) -> str:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """run.device (auto | cpu | cuda) -> this rank's device: cuda:<local_rank> when CUDA is used."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
+        raise RunEnvironmentError("run.device = 'cuda' but no CUDA device is visible",
+                                  "use run.device=auto or cpu, or run where a GPU is visible")
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -155,62 +157,3 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
-
-
-class DistBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm with statistics over the global batch (all ranks), on any device and backend (gloo included).
-
-    torch's SyncBatchNorm supports GPUs only; this computes per-channel sum, sum of squares and count locally and
-    all-reduces them with the differentiable ``torch.distributed.nn`` all_reduce, so gradients flow across ranks exactly
-    as for one large batch. Used for ``dist.sync_bn`` on CPU; on CUDA torch's SyncBatchNorm is used.
-    """
-
-    process_group = None  # its own group: DDP's asynchronous bucket all-reduces on the default group must not
-    # interleave with these backward-pass collectives in a different order on different ranks (gloo would hang)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_dist() and world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        c = x.shape[1]
-        xd = x.double()  # sum and sum of squares in float64: E[x^2] - E[x]^2 cancels badly in float32
-        local = torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), xd.new_full((1,), x.numel() / c)])
-        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
-        n = total[-1]
-        mean64 = total[:c] / n
-        var = (total[c:2 * c] / n - mean64 * mean64).clamp_min(0).float()
-        mean = mean64.float()
-        xf = x.float()
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
-        shape = (1, c, 1, 1)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm2d -> global-batch BN: torch's SyncBatchNorm on CUDA, DistBatchNorm2d elsewhere."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    group = dist.new_group() if is_dist() else None  # collective: every rank converts at the same point
-    _swap_bn(model, group)
-    return model
-
-
-def _swap_bn(module: nn.Module, group) -> None:
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = DistBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            new.process_group = group
-            setattr(module, name, new)
-        else:
-            _swap_bn(child, group)

@@ -24,8 +24,8 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from atscale import distributed as dist
-from atscale.checkpoint import CheckpointError
+from atscale.distributed import env as dist
+from atscale.errors import CheckpointError, ConfigError
 
 
 class DDPUpdater:
@@ -104,9 +104,10 @@ class DeepSpeedUpdater:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if not dist.is_dist():
-            raise RuntimeError("dist.engine=deepspeed needs an initialized process group (train.main creates one)")
+            raise RuntimeError("dist.engine=deepspeed needs an initialized process group (the run creates one)")
         if amp_dtype is not None and device.type != "cuda":
-            raise ValueError(f"dist.engine=deepspeed with run.amp={amp_dtype} needs a GPU; on CPU use run.amp=off")
+            raise ConfigError(f"dist.engine=deepspeed with run.amp={amp_dtype} needs a GPU",
+                              "on CPU use run.amp=off (or auto)")
         cfg = deepspeed_config(micro_batch, accum, dist.world_size(), zero_stage, amp_dtype)
         # ZeRO flattens parameters into contiguous buffers (and broadcasts them as bytes): channels_last stays on the
         # activations (the loader's batches), parameters go back to the default layout
@@ -121,7 +122,8 @@ class DeepSpeedUpdater:
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         if self.module.is_gradient_accumulation_boundary() != last:
-            raise RuntimeError("DeepSpeed's accumulation counter disagrees with the loop's; resume only at steps")
+            raise CheckpointError("DeepSpeed's accumulation counter disagrees with the loop's",
+                                  "resume DeepSpeed runs from step checkpoints only (they are written at steps)")
         self.module.backward(loss)
         self.module.step()
 

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from atscale.errors import ConfigError
+
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
     decay, no_decay = [], []
@@ -27,7 +29,7 @@ def use_fused(setting: str, optim_name: str, device: torch.device, engine: str =
     """``perf.fused_optimizer``: auto = fused SGD kernels on CUDA (one launch for all parameters) under DDP, foreach
     elsewhere (DeepSpeed steps its own flattened partitions: fused there only when asked for with ``on``)."""
     if setting == "on" and optim_name != "sgd":
-        raise ValueError(f"perf.fused_optimizer = on needs optim.name = sgd (timm's RMSpropTF for optim.name = "
+        raise ConfigError(f"perf.fused_optimizer = on needs optim.name = sgd (timm's RMSpropTF for optim.name = "
                          f"{optim_name} has no fused form); use perf.fused_optimizer = auto or off")
     return setting == "on" or (setting == "auto" and optim_name == "sgd" and device.type == "cuda" and engine == "ddp")
 

@@ -1,0 +1,258 @@
+"""The typed sections of a run's configuration, declared once: data, model, attack, objective, optim, schedule,
+eval, dist, perf, log, run. Budgets (``eps``, ``step``) are in 0..255 pixel units here; :mod:`atscale.config.units`
+converts them. Loading, overrides and validation are :mod:`atscale.config.load`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# the BN domains (model.bn_domains) each split-BN objective trains (Xie thesis Sec 6.4.2, 7.4.2, 7.5.4)
+SPLIT_BN_OBJECTIVES: dict[str, tuple[str, ...]] = {"mbn": ("clean", "adv"), "advprop": ("clean", "adv"),
+                                                   "advprop_fg": ("clean", "aug", "adv")}
+
+
+@dataclass
+class DataCfg:
+    """Where the FFCV dataset lives and how batches are decoded and augmented."""
+
+    source: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    root: str = "data/digits"  # folder holding train.beton, val.beton and meta.json
+    src: str = ""  # raw source (ImageFolder tree or CIFAR-10 folder) used when the .beton files are built
+    build_if_missing: bool = True
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 256
+    image_size: int = 224  # train crop output size
+    val_size: int = 224
+    val_crop_ratio: float = 0.875  # center crop = val_size / val_crop_ratio resized then cropped (224/256)
+    train_crop: Literal["random_resized", "center"] = "random_resized"
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    num_workers: int = 2
+    batches_ahead: int = 3  # FFCV decodes this many batches ahead in the background while the GPU computes
+    autoaugment: Literal["none", "imagenet", "cifar10", "svhn"] = "none"  # policy on training batches (EfficientNet)
+    # progressive resizing ("fast" training, Wong et al. 2020): [{until_epoch: 6, image_size: 128, batch_size: 256}, ...]
+    # each phase holds until its until_epoch (exclusive); image_size / batch_size default to the values above
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    max_resolution: int = 0  # when building: longest side cap, 0 = keep
+    jpeg_quality: int = 90  # when building imagefolder / cifar10
+    digits_size: int = 32  # when building digits: upsampled side
+    digits_val_fraction: float = 0.2
+
+
+@dataclass
+class ModelCfg:
+    """A timm architecture, with [0, 1] -> mean/std normalization as its first module."""
+
+    arch: str = "resnet50"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (e.g. channels, stem_width)
+    num_classes: int = 0  # 0 = from the dataset's meta.json
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    channels_last: bool = True
+    bn_domains: list[str] = field(default_factory=list)  # Mixture BN (Sec 6.4.2): one BN per domain, e.g. [clean, adv]
+    eval_domain: str = ""  # the BN domain used for evaluation and kept by export ("" = the first of bn_domains)
+    bn_momentum: float = 0.0  # torch convention (TF decay 0.99 = 0.01); 0 = the architecture's default
+
+
+@dataclass
+class AttackCfg:
+    """Training attack. Budgets are in 0..255 pixel units (Feature Denoising, Sec 4.5: eps 16, step 1, 30 iters)."""
+
+    name: Literal["pgd", "fgsm", "none"] = "pgd"
+    eps: float = 16.0
+    step: float = 1.0
+    iters: int = 30
+    targeted: bool = True
+    clean_start_prob: float = 0.2  # per-example probability of starting from the clean image instead of uniform noise
+    start_mode: Literal["per_example", "per_batch"] = "per_example"
+    target_mode: Literal["random", "least_likely"] = "random"  # targeted: uniform wrong class or the clean argmin
+    warmup_epochs: float = 0.0  # eps and step grow linearly from 0 over these first epochs
+
+
+@dataclass
+class ObjectiveCfg:
+    """Training objective (Xie thesis Sec 6.3): madry = 100% adv; mixed = a*J(clean) + (1-a)*J(adv) in shared BNs;
+    mbn = the same with separate clean / adv BNs (Sec 6.4.2); advprop = J(clean) + J(adv) with auxiliary adv BNs
+    (Chapter 7); advprop_fg = fine-grained AdvProp with one more auxiliary BN for AutoAugment images (Sec 7.5.4).
+    mbn and advprop need model.bn_domains: [clean, adv]; advprop_fg [clean, aug, adv] and data.autoaugment.
+    Peers: ratio = 100% adv + clean_ratio of the clean images (Sec 6.4.1, Fig 6.1); alp = mixed + alp_weight x logit
+    pairing (Kannan et al.); trades (Zhang et al., trades_beta); mart (Wang et al., mart_lambda); free = minibatch
+    replay free_replays times (Shafahi et al.). "Fast" training is madry with attack.name fgsm (Wong et al.)."""
+
+    name: Literal["madry", "mixed", "mbn", "advprop", "advprop_fg", "clean", "ratio", "alp", "trades", "mart",
+                  "free"] = "madry"
+    clean_weight: float = 0.5
+    label_smoothing: float = 0.1
+    clean_ratio: float = 1.0
+    alp_weight: float = 0.5
+    trades_beta: float = 6.0
+    mart_lambda: float = 6.0
+    free_replays: int = 4
+
+
+@dataclass
+class OptimCfg:
+    """SGD with Nesterov momentum, or TF-style RMSProp (EfficientNet / AdvProp, Xie thesis Sec 7.5.1: decay 0.9,
+    momentum 0.9); lr is per 256 images and scaled linearly with the global batch (Goyal et al.)."""
+
+    name: Literal["sgd", "rmsprop_tf"] = "sgd"
+    lr: float = 0.1
+    ref_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = False
+    rmsprop_decay: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
+    rmsprop_eps: float = 1e-3  # rmsprop_tf: epsilon inside the square root, as TensorFlow's
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; eval and export use it
+
+
+@dataclass
+class ScheduleCfg:
+    """Per-iteration learning-rate schedule: linear warmup then step, cosine or exponential decay (exponential:
+    x gamma every ``decay_every_epochs``, staircase, as EfficientNet's 0.97 every 2.4 epochs)."""
+
+    epochs: int = 110
+    name: Literal["step", "cosine", "exponential", "linear", "constant"] = "step"
+    warmup_epochs: float = 5.0
+    milestones: list[float] = field(default_factory=lambda: [35.0, 70.0, 95.0])
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+    decay_every_epochs: float = 2.4
+    bn_eval_last_epochs: int = 0  # BN uses running statistics in the last N epochs (Xie thesis Sec 6.4.3)
+
+
+@dataclass
+class ShiftCfg:
+    """Distribution-shift test sets (AdvProp, Xie thesis Sec 7.5.3) evaluated by ``atscale eval``: ImageFolder trees
+    whose class folders are named as the training classes, cached as FFCV files."""
+
+    roots: list[str] = field(default_factory=list)
+    layouts: list[str] = field(default_factory=list)  # one for all roots or one per root: folder | imagenet-c | ...
+    mce_baseline: str = ""  # ImageNet-C normalizer: a YAML/JSON file of errors, or 'alexnet'
+    cache: str = ""  # folder of the cached .beton files ("" = <out>/shift_cache)
+    max_images: int = 0  # per test set (per corruption and severity), 0 = all
+    crop_ratio: float = 0.0  # center-crop ratio, 0 = 1.0 for imagenet-c, else data.val_crop_ratio
+    write_mode: Literal["jpg", "raw", "smart"] = "jpg"
+
+
+@dataclass
+class EvalCfg:
+    """Evaluation, during training and by ``atscale eval``; one evaluator (:mod:`atscale.evaluation.evaluator`) runs
+    every suite with one rule: an image is robust when it is classified correctly clean and attacked.
+
+    The run's suite (``suite: ""``) is clean + PGD-k for each k in ``steps`` at ``eps``; every PGD-k steps by
+    max(``step``, eps / k), so k steps can reach the boundary of the budget (the Feature Denoising protocol, Xie thesis
+    Sec 4.5: "the 10-step attack uses eps/10 = 1.6"). ``suite`` names another one for the final evaluation (quick, fd,
+    robustbench, full or a YAML file of attack rows). The quick check during training is clean + PGD-``quick_steps``
+    of the same budget on the first ``quick_images`` val images."""
+
+    steps: list[int] = field(default_factory=lambda: [10, 100])
+    eps: float = 16.0
+    step: float = 1.0  # PGD-k steps by max(step, eps / k); 0 = eps / k
+    targeted: bool = True
+    random_start: bool = True
+    max_images: int = 0  # 0 = the whole val set
+    suite: str = ""  # final evaluation: "" = the run's PGD-k list; quick | fd | robustbench | full | path.yaml
+    every_epochs: int = 1  # quick clean + PGD check on a val subset during training, 0 = off
+    quick_images: int = 512
+    quick_steps: int = 10
+    early_stop_patience: int = 0  # stop after this many quick checks without a better robust accuracy, 0 = off
+    select_best: bool = False  # final eval / export use the weights of the best quick robust accuracy (best.pt)
+    seed: int = -1  # attack seed, -1 = run.seed
+    bn_domain: str = ""  # Mixture BN models: the BN domain evaluated ("" = model.eval_domain)
+    weights: Literal["auto", "raw", "ema"] = "auto"  # auto = the EMA weights when the run kept them
+    out: str = ""  # atscale eval's output folder ("" = <run>/eval/<suite>)
+    shift: ShiftCfg = field(default_factory=ShiftCfg)
+
+
+@dataclass
+class LogCfg:
+    tensorboard: bool = True
+    progress: bool = True
+    every_steps: int = 10
+
+
+@dataclass
+class RunCfg:
+    out_dir: str = "runs"
+    name: str = "run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, off on CPU
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+    resume: str = ""  # "" | auto | path to a checkpoint
+    ckpt_every_steps: int = 0  # 0 = at the end of every epoch only
+    keep_last: int = 2
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total, 0 = run to the end
+    export: bool = True
+
+
+@dataclass
+class DistCfg:
+    """Synchronized SGD: global batch = data.batch_size x world size x grad_accum.
+
+    engine: ddp (DistributedDataParallel) or deepspeed (ZeRO stage ``zero_stage``: 1 partitions optimizer state,
+    2 also gradients; bf16/fp16 with fp32 master weights when run.amp asks for it on GPU)."""
+
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2] = 1
+    grad_accum: int = 1
+    sync_bn: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_min: float = 30.0
+    gradient_as_bucket_view: bool = True  # DDP: gradients live in the all-reduce buckets (no copy, less memory)
+    bucket_cap_mb: float = 25.0  # DDP all-reduce bucket size
+
+
+@dataclass
+class PerfCfg:
+    """Speed and memory switches (the two others are run.amp, bf16 on GPU, and model.channels_last).
+
+    compile: ``torch.compile`` of the model in place (attack and update passes; parameter names unchanged) with this
+    mode; ``reduce-overhead`` adds CUDA graphs (static shapes: keep drop_last batches and one image size).
+    fused_optimizer: auto = fused SGD kernels on CUDA under DDP, foreach elsewhere (timm's RMSpropTF has no fused
+    form).
+    activation_checkpointing: recompute each residual block in backward (``atscale.layers.checkpointing``) in the
+    optimizer's passes (``update``) or in the attack's passes too (``all``, the larger memory saving): less activation
+    memory and a larger batch per GPU for one more block forward per backward.
+    cudnn_benchmark / tf32: cuDNN autotuning for the fixed input shapes; TF32 matmuls and convolutions where fp32 is
+    left (run.amp=off)."""
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    activation_checkpointing: Literal["off", "update", "all"] = "off"
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+
+
+@dataclass
+class Config:
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    attack: AttackCfg = field(default_factory=AttackCfg)
+    objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    perf: PerfCfg = field(default_factory=PerfCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+

@@ -1,0 +1,192 @@
+"""``main(cfg)``: one training run from start (or resume) to the report: build the run, train epoch after epoch with a
+quick robust check and a checkpoint at each end, then the final evaluation, export and report.
+
+Every robust accuracy it reports (log.jsonl's quick checks, eval.json, report.md) comes from the one evaluator
+(:func:`atscale.evaluation.evaluator.run_suite`) running suites built from the ``eval`` config. Under torchrun / SLURM
+every rank calls ``main``; rank 0 writes logs, checkpoints, reports and exports.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from atscale import distributed as dist
+from atscale.config import Config
+from atscale.config.units import to_pixels
+from atscale.evaluation.evaluator import run_suite
+from atscale.evaluation.outputs import write_outputs
+from atscale.evaluation.suites import get_suite, quick_check_suite
+from atscale.models.export import export_timm
+from atscale.reporting.report import plot_training, results_table, write_report
+from atscale.reporting.runlog import RunLog
+from atscale.training import preempt
+from atscale.training.loop import EpochResult, train_epoch
+from atscale.training.run import Run, build
+from atscale.training.schedule import StepPlan
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Train, evaluate, export and report one run; returns ``{"stopped", "step", "eval", "run_dir", ...}``."""
+    env = dist.DistEnv.from_env()
+    device = dist.init(env, cfg.run.device, cfg.dist.backend, cfg.dist.timeout_min,
+                       group_required=cfg.dist.engine == "deepspeed")
+    try:
+        return fit(build(cfg, device))
+    finally:
+        dist.cleanup()
+
+
+class StepHooks:
+    """What happens after every optimizer step: EMA update, the train log record, stop requests (run.max_steps,
+    preemption; all ranks agree) and the mid-epoch checkpoints of ``run.ckpt_every_steps``."""
+
+    def __init__(self, run: Run, log: RunLog | None):
+        self.run, self.log = run, log
+
+    def __call__(self, m: dict, plan: StepPlan, end_of_epoch: bool) -> str:
+        run, cfg = self.run, self.run.cfg
+        if run.ema is not None:
+            run.ema.update(run.model, run.step)
+        if self.log and (run.step % cfg.log.every_steps == 0 or end_of_epoch):
+            self.log.write("train", run.step, epoch=plan.epoch, eps=to_pixels(plan.eps), batch=run.batch, **m)
+        reason = ""
+        if cfg.run.max_steps > 0 and run.step >= cfg.run.max_steps:
+            reason = "max_steps"
+        elif dist.any_rank(preempt.stop_requested(), run.device):
+            reason = "preempted"
+        if reason or (cfg.run.ckpt_every_steps and run.step % cfg.run.ckpt_every_steps == 0 and not end_of_epoch):
+            run.save()
+        return reason
+
+
+def eval_seed(cfg: Config) -> int:
+    return cfg.run.seed if cfg.eval.seed < 0 else cfg.eval.seed
+
+
+def quick_check(run: Run, log: RunLog | None) -> tuple[str, bool]:
+    """The quick robust check at an epoch's end (same rule and attack as the final evaluation's row of that k);
+    returns the log line and whether early stopping asks to stop."""
+    cfg = run.cfg
+    doc = run_suite(run.eval_model, run.val_loader, quick_check_suite(cfg.eval), amp_dtype=run.amp_dtype,
+                    max_images=cfg.eval.quick_images, seed=eval_seed(cfg), progress=cfg.log.progress and run.main,
+                    probes=False, desc="val")
+    res = doc["results"]
+    label = f"pgd{cfg.eval.quick_steps}"
+    improved, early = run.stopper.update(res[label]["acc"], run.step)
+    if improved and (cfg.eval.select_best or cfg.eval.early_stop_patience) and run.main:
+        run.save_best(res)
+    if log:
+        log.write("val", run.step, epoch=run.epoch, clean_acc=res["clean"]["acc"], pgd_acc=res[label]["acc"],
+                  pgd_adv_acc=res[label]["adv_acc"], attack=label, n=doc["n"], best_pgd_acc=run.stopper.best)
+    line = f" | val clean {100 * res['clean']['acc']:.1f}% {label} {100 * res[label]['acc']:.1f}%"
+    stop = early and run.epoch < cfg.schedule.epochs
+    if stop:
+        line += f" | early stop: no better {label} for {run.stopper.bad} checks (best " \
+                f"{100 * run.stopper.best:.1f}% at step {run.stopper.best_step})"
+    return line, stop
+
+
+def end_epoch(run: Run, log: RunLog | None, res: EpochResult) -> bool:
+    """After a whole epoch: the quick check (every ``eval.every_epochs``), a checkpoint, the epoch record. Returns
+    True when early stopping ends training."""
+    cfg, averages, img_per_s = run.cfg, res.averages, res.img_per_s
+    run.epoch, run.batch = run.epoch + 1, 0
+    line = f"epoch {run.epoch}/{cfg.schedule.epochs}: loss {averages.get('loss', float('nan')):.4f} train acc " \
+           f"{100 * averages.get('acc', 0):.1f}% ({img_per_s:.1f} img/s)"
+    early = False
+    if cfg.eval.every_epochs and run.epoch % cfg.eval.every_epochs == 0:
+        extra, early = quick_check(run, log)
+        line += extra
+    if early:
+        run.epoch = cfg.schedule.epochs  # the final evaluation and export follow
+    run.save()
+    if log:
+        log.write("epoch", run.step, epoch=run.epoch, image_size=run.phase.image_size,
+                  batch_size=run.phase.batch_size, bn_eval=res.bn_eval, **averages, img_per_s=img_per_s)
+    if run.main:
+        print(line, file=sys.stderr)
+    return early
+
+
+def train(run: Run, log: RunLog | None) -> dict[str, Any]:
+    """Epochs until ``schedule.epochs``, early stopping or a stop request; returns the summary of this process's
+    training (``stopped`` holds the reason when it stopped early)."""
+    hooks, seconds, images, last, stopped, early = StepHooks(run, log), 0.0, 0, {}, "", False
+    while run.epoch < run.cfg.schedule.epochs:
+        res = train_epoch(run, hooks)
+        seconds, images, last = seconds + res.seconds, images + res.images, res.averages or last
+        stopped = res.stopped
+        if stopped:
+            break
+        early = end_epoch(run, log, res)
+        if early:
+            break
+    return {"stopped": stopped, "early_stopped": early, **last, "seconds": seconds, "epoch": run.epoch,
+            "img_per_s": images / max(1e-9, seconds)}
+
+
+def fit(run: Run) -> dict[str, Any]:
+    """Resume when asked, train, then evaluate, export and report (or stop at a step with a checkpoint)."""
+    t_start = time.perf_counter()
+    cfg = run.cfg
+    resumed = run.resume()
+    log = RunLog(cfg.run_dir, cfg.log.tensorboard) if run.main else None
+    if log:
+        log.write("start", run.step, device=str(run.device), amp=str(run.amp_dtype), world_size=run.world,
+                  steps_per_epoch=run.steps_per_epoch(run.train_loader()), peak_lr=run.peak_lr(),
+                  global_batch=run.global_batch, resumed_from=str(resumed) if resumed else None,
+                  threads=torch.get_num_threads(), channels_last=cfg.model.channels_last,
+                  fused_optimizer=bool(run.updater.optimizer.param_groups[0].get("fused")), perf=asdict(cfg.perf))
+    summary = train(run, log)
+    summary["steps"] = run.step
+    if summary["stopped"]:
+        if run.main:
+            print(f"stopped at step {run.step} ({summary['stopped']}); checkpoint {run.ckpts.last}; continue with "
+                  f"--resume auto", file=sys.stderr)
+        if log:
+            log.write("stopped", run.step, epoch=run.epoch, reason=summary["stopped"])
+            log.close()
+        dist.barrier()  # the checkpoint is on disk before any rank returns
+        return {"stopped": True, "reason": summary["stopped"], "step": run.step, "run_dir": str(cfg.run_dir)}
+    return finish(run, log, summary, t_start)
+
+
+def finish(run: Run, log: RunLog | None, summary: dict, t_start: float) -> dict[str, Any]:
+    """The final evaluation (``eval.suite``, on ``best.pt`` with ``eval.select_best``), export and report."""
+    cfg = run.cfg
+    if cfg.eval.select_best:
+        dist.barrier()
+        best = run.load_best()
+        if best is not None:
+            summary["selected_step"] = best
+            if run.main:
+                print(f"final eval on the best quick check: step {best} (best.pt)", file=sys.stderr)
+    doc = run_suite(run.eval_model, run.val_loader, get_suite(cfg.eval.suite, cfg.eval), amp_dtype=run.amp_dtype,
+                    max_images=cfg.eval.max_images, seed=eval_seed(cfg), progress=cfg.log.progress and run.main,
+                    desc="final eval")
+    out = {"stopped": False, "step": run.step, "eval": doc["results"], "run_dir": str(cfg.run_dir), "train": summary}
+    if not run.main:
+        return out
+    title = f"{cfg.model.arch}, suite {doc['suite']['name']}"
+    paths = write_outputs(doc, cfg.run_dir, title=title)
+    log.write("eval", run.step, **{f"{k}_acc": v["acc"] for k, v in doc["results"].items()})
+    print(results_table(doc["results"]), file=sys.stderr)
+    export_dir = None
+    if cfg.run.export:
+        export_dir = export_timm(run.eval_model, cfg.run_dir / "export", mean=cfg.model.mean, std=cfg.model.std,
+                                 input_size=cfg.data.val_size, crop_pct=cfg.data.val_crop_ratio,
+                                 label_names=run.meta.get("classes"),
+                                 extra={"eval": doc["results"], "config": cfg.to_dict()})
+    log.close()
+    plots = [paths[k] for k in ("iterations_plot", "eps_plot") if paths.get(k)]
+    plots += [p for p in [plot_training(cfg.run_dir / "log.jsonl", cfg.run_dir / "training.png")] if p]
+    report = write_report(cfg.run_dir, cfg, doc, run.meta, summary, plots, export_dir)
+    print(f"done in {time.perf_counter() - t_start:.0f} s: report {report}", file=sys.stderr)
+    return {**out, "report": str(report)}
+
+
+__all__ = ["main", "fit", "train", "finish", "StepHooks"]

@@ -1,0 +1,252 @@
+"""The run object: ``build(cfg, env, device) -> Run`` wires every part of one training run (data, model, updater,
+attack, objective, EMA, early stopping, checkpoint folder) and owns its persistent state.
+
+``Run.state_dict()`` / ``Run.load_state_dict()`` are the only writer and reader of the training checkpoint format
+(weights, optimizer, attack / augmentation / objective generators, early stopping, torch RNG, position, config and
+dataset meta); :func:`atscale.checkpoint.model_from_checkpoint` reads its model part for evaluation and export. The
+per-step schedules (lr, attack eps and step) are :func:`atscale.training.schedule.plan_at`, a function of the position
+that the loop applies explicitly.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from atscale import distributed as dist
+from atscale.attacks import build_attack
+from atscale.checkpoint import CheckpointDir, load_checkpoint, load_model_state, save_checkpoint
+from atscale.config import Config, save_config
+from atscale.data import ensure_dataset, make_loader
+from atscale.data.augment import AutoAugmentBatch
+from atscale.distributed.updater import build_updater
+from atscale.errors import CheckpointError, ConfigError
+from atscale.layers.checkpointing import enable_activation_checkpointing
+from atscale.layers.sync_bn import convert_sync_bn
+from atscale.models import build_from_config
+from atscale.runtime import compile_model, resolve_amp, set_backend_flags
+from atscale.training.controls import EarlyStopping, WeightEMA, phase_at
+from atscale.training.guards import refuse_nonfinite_state
+from atscale.training.objectives import build_objective
+from atscale.training.optim import build_optimizer, use_fused
+from atscale.training.schedule import StepPlan, plan_at
+
+
+@dataclass
+class Phase:
+    """The train loader of one progressive-resizing phase (one phase when ``data.phases`` is empty)."""
+
+    index: int
+    image_size: int
+    batch_size: int
+    loader: Any
+
+
+class Run:
+    """Every part of one run and its position (``epoch``, micro-``batch`` within it, optimizer ``step``)."""
+
+    def __init__(self, cfg: Config, device: torch.device, meta: dict, model: nn.Module, val_loader: Any) -> None:
+        self.cfg, self.device, self.meta, self.val_loader = cfg, device, meta, val_loader
+        self.amp_dtype = resolve_amp(cfg.run.amp, device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.accum = cfg.dist.grad_accum
+        self.epoch = self.batch = self.step = 0
+        self._phase: Phase | None = None
+        loader = self.train_loader()
+        if self.micro_batches(loader) == 0:
+            raise ConfigError(f"data.batch_size = {cfg.data.batch_size} x dist.grad_accum = {self.accum} exceeds the "
+                              f"{len(loader.loader.indices)} training images of this rank",
+                              "lower data.batch_size or dist.grad_accum")
+        self.global_batch = cfg.data.batch_size * self.world * self.accum
+        self.fused = use_fused(cfg.perf.fused_optimizer, cfg.optim.name, device, cfg.dist.engine)
+        optimizer = build_optimizer(model, cfg.optim, self.global_batch, self.fused)
+        self.updater = build_updater(cfg.dist, model, optimizer, device, self.amp_dtype, cfg.data.batch_size)
+        self.model = self.updater.model
+        self.attack = build_attack(cfg.attack, self.amp_dtype, seed=cfg.run.seed + 1009 * self.rank)
+        self.base_budget = (float(getattr(self.attack, "eps", 0.0)), float(getattr(self.attack, "step", 0.0)))
+        self.augment = AutoAugmentBatch(cfg.data.autoaugment, cfg.run.seed + 7919 * self.rank) \
+            if cfg.data.autoaugment != "none" else None
+        self.objective = build_objective(cfg.objective, self.augment)
+        self.ema = WeightEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.stopper = EarlyStopping(cfg.eval.early_stop_patience)
+        compile_model(self.model, cfg.perf.compile)  # after the EMA copy: the average stays an eager module
+        self.ckpts = CheckpointDir(cfg.run_dir / "checkpoints", cfg.run.keep_last)
+
+    # ------------------------------------------------------------------------------------------- parts
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What quick checks, the final evaluation and export see: the EMA weights when kept, else the model."""
+        return self.ema.module if self.ema else self.model
+
+    @property
+    def loop_augment(self):
+        """AutoAugment applied by the loop (fine-grained AdvProp applies it inside its objective)."""
+        return None if self.cfg.objective.name == "advprop_fg" else self.augment
+
+    @property
+    def phase(self) -> Phase:
+        assert self._phase is not None
+        return self._phase
+
+    def train_loader(self) -> Any:
+        """The train loader of the current epoch's phase (rebuilt when the phase changes)."""
+        cfg = self.cfg
+        idx, size, bs = phase_at(self.epoch, cfg.data.phases, cfg.data.image_size, cfg.data.batch_size)
+        if self._phase is None or self._phase.index != idx:
+            data_cfg = replace(cfg.data, image_size=size, batch_size=bs)
+            loader = make_loader(cfg.data.root, "train", data_cfg, self.device, cfg.run.seed, train=True,
+                                 channels_last=cfg.model.channels_last, rank=self.rank, world_size=self.world)
+            self._phase = Phase(idx, size, bs, loader)
+        return self._phase.loader
+
+    def micro_batches(self, loader: Any) -> int:
+        """Micro-batches of an epoch that make whole optimizer steps."""
+        return len(loader) // self.accum * self.accum
+
+    def steps_per_epoch(self, loader: Any) -> int:
+        return self.micro_batches(loader) // self.accum * self.objective.replays
+
+    def peak_lr(self) -> float:
+        """optim.lr per ``optim.ref_batch`` images, scaled linearly with the current phase's global batch."""
+        return self.cfg.optim.lr * self.phase.batch_size * self.world * self.accum / self.cfg.optim.ref_batch
+
+    def plan(self, k: int, steps_per_epoch: int) -> StepPlan:
+        """The schedules at optimizer step ``k`` of the current epoch."""
+        eps, step = self.base_budget
+        return plan_at(self.cfg, self.epoch, k, steps_per_epoch, self.peak_lr(), eps, step)
+
+    def apply(self, plan: StepPlan) -> None:
+        """Set the optimizer's lr and the attack's budget to ``plan``'s."""
+        for g in self.updater.optimizer.param_groups:
+            g["lr"] = plan.lr
+        if self.cfg.attack.warmup_epochs > 0:
+            self.attack.set_budget(plan.eps, plan.step)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training checkpoint. Every rank calls it (DeepSpeed writes one optimizer partition per rank into the
+        checkpoints folder); rank 0 gets the whole dict, the others an empty one. Weights or BN statistics with a NaN
+        or inf are refused (``TrainingDiverged``), so the last good checkpoint stays the newest."""
+        refuse_nonfinite_state(self.updater.module, self.step)
+        epoch, batch = self.epoch, self.batch
+        if batch >= self.micro_batches(self.phase.loader):
+            epoch, batch = epoch + 1, 0
+        state = self.updater.save_state(self.ckpts.root, self.ckpts.step_name(self.step), self.main)
+        if not self.main:
+            return {}
+        if self.ema is not None:
+            state["model_ema"] = self.ema.state_dict()
+        state.update({"attack": self.attack.state_dict(), "augment": self.augment.state_dict() if self.augment else {},
+                      "objective": self.objective.state_dict(), "early_stop": self.stopper.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "epoch": epoch, "batch": batch, "step": self.step,
+                      **self._identity()})
+        return state
+
+    def _identity(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_yaml(), "meta": json.dumps(self.meta), "world_size": self.world,
+                "grad_accum": self.accum, "engine": self.updater.engine}
+
+    def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
+        """Continue from a training checkpoint read from ``where`` (its folder holds DeepSpeed partitions)."""
+        load_model_state(self.model, state["model"], str(where), self.cfg)
+        self.updater.load_state(state, where.parent)
+        for g in self.updater.optimizer.param_groups:  # the run's perf.fused_optimizer, not the checkpoint's
+            if "fused" in g:
+                g["fused"], g["foreach"] = (True, False) if self.fused else (None, None)
+        self.attack.load_state_dict(state.get("attack", {}))
+        if self.augment is not None:
+            self.augment.load_state_dict(state.get("augment", {}))
+        self.objective.load_state_dict(state.get("objective", {}))
+        self.stopper.load_state_dict(state.get("early_stop", {}))
+        if self.ema is not None:
+            if "model_ema" not in state:
+                raise CheckpointError(f"checkpoint '{where}' has no EMA weights but optim.ema_decay = "
+                                      f"{self.cfg.optim.ema_decay}", "resume with optim.ema_decay=0 or start a new run")
+            self.ema.load_state_dict(state["model_ema"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("world_size", self.world) != self.world or state.get("grad_accum", self.accum) != self.accum:
+            print(f"note: checkpoint was written with world size {state.get('world_size')} x grad_accum "
+                  f"{state.get('grad_accum')}; continuing with {self.world} x {self.accum}", file=sys.stderr)
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+
+    def resume(self) -> Path | None:
+        """Load ``run.resume`` (auto: last.pt when present); returns the checkpoint read, or None."""
+        path = self.ckpts.resolve(self.cfg.run.resume)
+        if path is not None:
+            self.load_state_dict(load_checkpoint(path, map_location=self.device), path)
+            if self.main:
+                print(f"resumed from {path}: epoch {self.epoch}, batch {self.batch}, step {self.step}",
+                      file=sys.stderr)
+        return path
+
+    def save(self) -> None:
+        """Write ``step_<n>.pt`` (all ranks call this; rank 0 writes the file)."""
+        state = self.state_dict()
+        if self.main:
+            self.ckpts.save(state, self.step)
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpts.root / "best.pt"
+
+    def save_best(self, quick: dict) -> None:
+        """``best.pt``: the evaluated weights (EMA when on) at the best quick robust check, loadable for eval."""
+        weights = {k: v.detach().clone() for k, v in self.eval_model.state_dict().items()}
+        save_checkpoint({"model": weights, "step": self.step, "epoch": self.epoch, "batch": 0, "val": quick,
+                         "weights": "ema" if self.ema else "raw", **self._identity(), "engine": "ddp"}, self.best_path)
+
+    def load_best(self) -> int | None:
+        """Load ``best.pt`` into the evaluated model; returns its step (None when there is none)."""
+        if not self.best_path.exists():
+            return None
+        best = load_checkpoint(self.best_path, map_location=self.device)
+        self.eval_model.load_state_dict(best["model"])
+        return int(best["step"])
+
+
+def _dataset(cfg: Config, main: bool) -> dict:
+    """The dataset's meta; rank 0 builds a missing dataset first, the others read it afterwards."""
+    meta = ensure_dataset(cfg.data, seed=cfg.run.seed) if main else None
+    dist.barrier()
+    return meta if meta is not None else ensure_dataset(cfg.data, seed=cfg.run.seed)
+
+
+def _model(cfg: Config, meta: dict, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.run.seed)
+    model = build_from_config(cfg.model, meta["num_classes"])
+    if cfg.perf.activation_checkpointing != "off":
+        enable_activation_checkpointing(model, attack=cfg.perf.activation_checkpointing == "all")
+    if cfg.dist.sync_bn and dist.world_size() > 1:
+        model = convert_sync_bn(model, device)
+    return model.to(device)
+
+
+def build(cfg: Config, device: torch.device) -> Run:
+    """Every part of a run from its config, on ``device``, in the current distributed world; rank 0 writes the
+    resolved config into the run folder."""
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    set_backend_flags(cfg.perf, device)
+    main = dist.rank() == 0
+    if main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    meta = _dataset(cfg, main)
+    model = _model(cfg, meta, device)
+    val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False,
+                             channels_last=cfg.model.channels_last, rank=dist.rank(), world_size=dist.world_size())
+    return Run(cfg, device, meta, model, val_loader)
+
+
+__all__ = ["Run", "Phase", "build"]
