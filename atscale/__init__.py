@@ -1,2 +1,3 @@
-"""atscale: adversarial training at ImageNet scale. Importing it registers the papers' model variants into timm."""
-from atscale.models import registry as _registry  # noqa: F401
+"""atscale: adversarial training at ImageNet scale. Importing the package is light (no torch, no timm), so the
+``atscale`` command parses its arguments at once; ``import atscale.models`` registers the papers' model variants into
+timm."""

@@ -10,6 +10,7 @@ and evaluation.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -28,10 +29,37 @@ from atscale.layers.mixture_bn import set_default_domain
 from atscale.models import NormalizedModel, build_from_config
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def check_room(folder: Path, nbytes: int, why: str = "") -> None:
+    """Refuse (before writing) when ``folder``'s filesystem has less than ``nbytes`` (+1 MiB) free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + (1 << 20):
+        raise CheckpointError(
+            f"not enough disk space in '{folder}': the next checkpoint needs {nbytes / 2**20:.1f} MiB and "
+            f"{free / 2**20:.1f} MiB are free{why}",
+            "free space there, lower run.keep_last, or move run.out_dir to a larger filesystem; the previous "
+            "checkpoint is intact, continue with --resume auto")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, why: str = "") -> None:
+    """Serialize ``state`` and write it atomically to ``path``: the space is checked first, and a failed write
+    (disk full, quota, read-only folder) leaves the previous file intact and raises a :class:`CheckpointError`."""
+    path = Path(path)
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    check_room(path.parent, len(data), why)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise CheckpointError(f"writing checkpoint '{path}' failed: {e.strerror} (errno {e.errno})",
+                              "free space or fix the folder's permissions; the previous checkpoint is intact, "
+                              "continue with --resume auto") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,9 +99,11 @@ class CheckpointDir:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write ``step_<n>.pt`` atomically, point ``last.pt`` at it, and drop old steps (with their ``.ds`` folder of
-        DeepSpeed partitions, when there is one)."""
+        DeepSpeed partitions, when there is one). The new file is written before old ones are pruned, so the folder
+        needs room for ``keep_last + 1`` checkpoints; the space is checked before writing."""
         path = self.root / f"{self.step_name(step)}.pt"
-        save_checkpoint(state, path)
+        save_checkpoint(state, path, why=f" (run.keep_last = {self.keep_last}: the folder holds up to "
+                                         f"{self.keep_last + 1} checkpoints while the newest is written)")
         tmp = self.root / f".last.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         try:
@@ -81,7 +111,7 @@ class CheckpointDir:
             os.replace(tmp, self.last)
         except OSError:
             tmp.unlink(missing_ok=True)
-            atomic_write_bytes(self.last, path.read_bytes())
+            save_checkpoint(state, self.last)
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
             shutil.rmtree(old.with_suffix(".ds"), ignore_errors=True)
@@ -91,16 +121,35 @@ class CheckpointDir:
         files = [p for p in self.root.glob("step_*.pt") if _STEP_RE.search(p.name)]
         return sorted(files, key=lambda p: int(_STEP_RE.search(p.name).group(1)))
 
-    def resolve(self, resume: str) -> Path | None:
-        """``auto`` -> last.pt if present (else None); a path -> that path; '' -> None."""
+    def newest_first(self) -> list[Path]:
+        """Every training checkpoint of the folder, newest first: ``last.pt`` when it is (a link to) the newest
+        step file or there is none, then the ``step_*.pt`` files by decreasing step. A step file newer than
+        ``last.pt`` (a kill between writing it and re-pointing ``last.pt``, or a deleted ``last.pt``) comes first."""
+        steps = self.step_files()[::-1]
+        if not self.last.is_file():
+            return steps
+        if not steps or _same_file(self.last, steps[0]):
+            return [self.last] + steps[1:]
+        return steps + [self.last]
+
+    def resolve(self, resume: str) -> list[Path]:
+        """The checkpoints to try for ``run.resume``, in order: ``auto`` -> :meth:`newest_first` (empty when there is
+        none); a path -> that path; '' -> nothing."""
         if not resume:
-            return None
+            return []
         if resume == "auto":
-            return self.last if self.last.is_file() else None
+            return self.newest_first()
         p = Path(resume)
         if not p.is_file():
             raise CheckpointError(f"run.resume = '{resume}' is not a file; use 'auto' or a path to a checkpoint")
-        return p
+        return [p]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def load_model_state(model: nn.Module, state: dict, where: str, cfg: Config) -> None:

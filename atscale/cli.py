@@ -1,13 +1,18 @@
-"""``atscale`` command line: data | train | eval | export. Thin: each subcommand calls one library entry
-(:mod:`atscale.train`, :mod:`atscale.evaluate`, :mod:`atscale.data`); every :class:`atscale.errors.AtscaleError` ends
-as one line on stderr and exit status 2. Top layer: nothing imports it."""
+"""``atscale`` command line: data | train | eval | export. Thin: each subcommand parses its arguments without torch
+(:mod:`atscale.cli_args`), then calls one library entry (:mod:`atscale.train`, :mod:`atscale.evaluate`,
+:mod:`atscale.data`), so ``--help`` and bad arguments answer at once. Every :class:`atscale.errors.AtscaleError`, bad
+arguments included, ends as one line on stderr and exit status 2. Top layer: nothing imports it."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Sequence
 
+from atscale.cli_args import ArgumentParser, parse_eval, parse_export, parse_train
 from atscale.errors import run_command
+
+COMMANDS = ("data", "train", "eval", "export")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -29,7 +34,7 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atscale", description="Adversarial training of image classifiers at scale.")
+    p = ArgumentParser(prog="atscale", description="Adversarial training of image classifiers at scale.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("data", help="write FFCV .beton files (train/val + meta.json)")
@@ -62,28 +67,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.cmd == "data":
-        if args.source == "imagenet":
-            args.source = "imagefolder"
-        _data(args)
-        return 0
-    if args.cmd == "train":
-        from atscale.train import cli as train_cli
+def _train(argv: Sequence[str]) -> int:
+    from atscale.config import load_config
 
-        return train_cli(args.rest)
-    from atscale.evaluate import eval_cli, export_cli
+    args = parse_train(argv)
+    cfg = load_config(args.config, args.overrides, twin=args.twin)  # validated before torch is imported
+    from atscale.train import train
 
-    return (eval_cli if args.cmd == "eval" else export_cli)(args.rest)
+    return train(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _eval(argv: Sequence[str]) -> int:
+    ckpt, overrides = parse_eval(argv)
+    from atscale.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(ckpt, overrides)
+    return 0
+
+
+def _export(argv: Sequence[str]) -> int:
+    args = parse_export(argv)
+    from atscale.evaluate import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain))
+    return 0
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("train", "eval", "export"):  # argparse's REMAINDER drops leading options
-        args = argparse.Namespace(cmd=argv[0], rest=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
-    return run_command(f"atscale {args.cmd}", lambda: _dispatch(args))
+        return {"train": _train, "eval": _eval, "export": _export}[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.source == "imagenet":
+        args.source = "imagefolder"
+    _data(args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (``--help``: 0, bad arguments or any AtscaleError: 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"atscale {argv[0]}" if argv and argv[0] in COMMANDS else "atscale"
+    try:
+        return run_command(prog, lambda: _dispatch(argv))
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ nothing, so every layer can raise these.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 class AtscaleError(Exception):
@@ -48,7 +51,8 @@ class TrainingDiverged(AtscaleError, RuntimeError):
 
 def run_command(prog: str, fn: Callable[[], int | None]) -> int:
     """Run a command's body: an :class:`AtscaleError` prints one line, ``<prog>: error: <message>``, and gives exit
-    status 2; a Ctrl-C gives 130 without a traceback. Anything else propagates (a bug keeps its traceback)."""
+    status 2, and so does a full disk, quota or read-only filesystem; a Ctrl-C gives 130 without a traceback.
+    Anything else propagates (a bug keeps its traceback)."""
     try:
         return int(fn() or 0)
     except AtscaleError as err:
@@ -57,6 +61,13 @@ def run_command(prog: str, fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRNOS:
+            raise
+        print(f"{prog}: error: {err.strerror} (errno {err.errno}) writing '{err.filename or '?'}'; free space or "
+              "fix the folder's permissions, then run again (a training run continues from its last checkpoint "
+              "with --resume auto)", file=sys.stderr)
+        return 2
 
 
 __all__ = ["run_command", "AtscaleError", "ConfigError", "DatasetError", "CheckpointError", "ModelError", "RunEnvironmentError",

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import atscale  # noqa: F401
+    import atscale.models  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

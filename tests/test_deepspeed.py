@@ -68,5 +68,8 @@ def test_zero2_trains_with_pgd_and_its_checkpoint_evaluates(digits_root: Path, t
     assert cfg.dist.engine == "deepspeed"
     init = load_checkpoint(ckpts / "step_00000002.pt")["model"]
     assert any(not torch.equal(init[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
-    with pytest.raises(CheckpointError, match="dist.engine=deepspeed"):
-        main(load_config(None, over + ["dist.engine=\"ddp\"", "run.resume=\"auto\"", "run.max_steps=4"]))
+    ddp = over + ["dist.engine=\"ddp\"", "run.resume=\"auto\"", "run.max_steps=4"]
+    with pytest.raises(CheckpointError, match="written under another config: dist.engine 'deepspeed' -> 'ddp'"):
+        main(load_config(None, ddp))
+    with pytest.raises(CheckpointError, match="dist.engine=deepspeed"):  # even when config changes are allowed
+        main(load_config(None, ddp + ["run.config_change=\"allow\""]))

@@ -74,3 +74,28 @@ def test_bad_eval_input_is_one_line_and_exit_2(trained_digits_model, digits_root
         assert fragment in lines[0], (args, lines[0])
         assert "weights_only=False" not in lines[0] or "never load" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_resume_checkpoints_are_one_line_and_touch_nothing(trained_digits_model, tmp_path: Path, capfd) -> None:
+    """Truncated, pickled-code, missing and other-model checkpoints given to ``atscale train --resume``: exit 2, one
+    line naming the fix, refused before the run folder is created."""
+    import torch
+
+    from atscale.checkpoint import CheckpointDir
+
+    _, cfg = trained_digits_model
+    ckpt = cfg.run_dir / "checkpoints" / "last.pt"
+    torn, evil = tmp_path / "torn.pt", tmp_path / "evil.pt"
+    torn.write_bytes(ckpt.read_bytes()[:1000])
+    torch.save({"model": {}, "config": "", "evil": CheckpointDir(tmp_path)}, evil)
+    demo = ["train", "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={cfg.data.root}",
+            f"run.out_dir={tmp_path / 'runs'}"]
+    cases = [([str(torn)], "cannot be read safely"), ([str(evil)], "never load an untrusted file"),
+             ([str(tmp_path / "nope.pt")], "is not a file"),
+             ([str(ckpt)], "written under another config: ")]
+    for args, fragment in cases:
+        rc = cli([*demo, "--resume", *args])
+        lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("atscale train: error: "), (args, lines)
+        assert fragment in lines[0] and len(lines[0]) < 700, (args, lines[0])
+        assert "retry" not in lines[0] and not (tmp_path / "runs").exists(), args

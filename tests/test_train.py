@@ -57,8 +57,12 @@ def test_resume_rejects_an_incompatible_checkpoint(digits_root: Path, tmp_path: 
     main(load_config(None, tiny_overrides(digits_root, tmp_path, "r", **{"run.max_steps": 1})))
     other = tiny_overrides(digits_root, tmp_path, "r", **{"run.resume": "auto",
                                                             "model.kwargs": {"channels": [8, 16, 32, 32]}})
-    with pytest.raises(CheckpointError, match="does not fit model 'resnet18'"):
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"written under another config: model.kwargs .*run.config_change=allow"):
         main(load_config(None, other))
+    assert (tmp_path / "r" / "config.yaml").read_text() == before  # refused before any set-up
+    with pytest.raises(CheckpointError, match="does not fit model 'resnet18'"):
+        main(load_config(None, other + ['run.config_change="allow"']))
 
 
 def test_checkpoints_load_weights_only_and_reject_pickled_code(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 
 import yaml
 
-from atscale.config.schema import SPLIT_BN_OBJECTIVES, Config
+from atscale.config.schema import SPLIT_BN_OBJECTIVES, Config, DataCfg
 from atscale.config.twins import make_twin
 from atscale.errors import ConfigError
 from atscale.fsio import atomic_write_bytes
+
+DATASET_META = "meta.json"  # what every dataset folder holds (atscale.data.write.META; config does not import data)
 
 _CHECKS: dict[str, Any] = {
     "data.batch_size": lambda v: v > 0,
@@ -301,7 +303,7 @@ def from_dict(values: dict[str, Any] | None) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), twin: str | None = None) -> Config:
     """Defaults <- YAML file [-> its small-scale twin, :data:`atscale.config.twins.TWINS`] <- dotted overrides, validated
-    before anything runs."""
+    before anything runs (a ``data.root`` override to a folder without a dataset needs ``data.source`` with it)."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -317,8 +319,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), t
         values = loaded or {}
     if twin:
         values = make_twin(from_dict(values), twin).to_dict()
+    origin = f"--twin {twin}" if twin else f"the config file '{path}'" if "source" in _data_of(values) else \
+        "the defaults"
+    before = _data_of(values).get("root", DataCfg.root)
     _set_overrides(values, overrides)
-    return from_dict(values)
+    cfg = from_dict(values)
+    _check_data_root(cfg, overrides, before, origin)
+    return cfg
 
 
 def _set_overrides(values: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -332,9 +339,32 @@ def _set_overrides(values: dict[str, Any], overrides: Sequence[str]) -> None:
         node[parts[-1]] = v
 
 
-def with_overrides(cfg: Config, overrides: Sequence[str], sections: Sequence[str] = ()) -> Config:
+def _data_of(values: dict[str, Any]) -> dict[str, Any]:
+    data = values.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _check_data_root(cfg: Config, overrides: Sequence[str], before: Any, origin: str) -> None:
+    """Refuse a ``data.root`` override that moves the data to a folder holding no dataset while ``data.source`` is
+    inherited from ``origin``: training would quietly build that source there (a typo would train on fresh digits).
+    Looks at the filesystem only (no dataset is read)."""
+    given = {".".join(parse_override(ov)[0]) for ov in overrides}
+    d = cfg.data
+    if "data.root" not in given or "data.source" in given or Path(str(before)) == Path(d.root):
+        return
+    builds = d.build_if_missing and (d.source == "digits" or bool(d.src))
+    if not builds or (Path(d.root) / DATASET_META).is_file():
+        return
+    raise ConfigError(f"data.root override '{d.root}' holds no dataset (no {DATASET_META} there), and data.source="
+                      f"{d.source} comes from {origin}, not from the overrides, so {d.source} data would be built "
+                      "at that path", f"fix the path, or pass data.source={d.source} explicitly to build it there")
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str], sections: Sequence[str] = (),
+                   origin: str = "the config being overridden") -> Config:
     """A validated copy of ``cfg`` with ``section.key=value`` overrides; ``sections``, when given, are the only
-    sections they may touch (``atscale eval`` rebuilds the model from the checkpoint, so model.* stays fixed)."""
+    sections they may touch (``atscale eval`` rebuilds the model from the checkpoint, so model.* stays fixed).
+    ``origin`` names ``cfg`` in errors."""
     for ov in overrides:
         section = parse_override(ov)[0][0]
         if sections and section not in sections:
@@ -342,7 +372,9 @@ def with_overrides(cfg: Config, overrides: Sequence[str], sections: Sequence[str
                               f"override only {', '.join(s + '.*' for s in sections)}")
     values = cfg.to_dict()
     _set_overrides(values, overrides)
-    return from_dict(values)
+    new = from_dict(values)
+    _check_data_root(new, overrides, cfg.data.root, origin)
+    return new
 
 
 def config_from_yaml_text(text: str) -> Config:

@@ -186,7 +186,10 @@ class RunCfg:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, off on CPU
     threads: int = 0  # torch CPU threads, 0 = torch's default
-    resume: str = ""  # "" | auto | path to a checkpoint
+    resume: str = ""  # "" | auto (the newest checkpoint of this run folder, if any) | path to a checkpoint
+    # a resume whose checkpoint was written under other training keys (model, attack, optim, schedule, ...):
+    # refuse (naming the keys) or allow (continue with this config's values, logged)
+    config_change: Literal["refuse", "allow"] = "refuse"
     ckpt_every_steps: int = 0  # 0 = at the end of every epoch only
     keep_last: int = 2
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total, 0 = run to the end

@@ -31,10 +31,12 @@ class ArraySplit:
 
 @dataclass
 class FileSplit:
-    """Image files with labels, decoded to RGB on access (files were checked to decode before writing)."""
+    """Image files with labels, decoded to RGB on access (files were checked to decode before writing). ``sizes``:
+    each file's (width, height) when known (from :func:`scan_images`); the writer sizes its pages from them."""
 
     files: list[str]
     labels: list[int]
+    sizes: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,45 +80,73 @@ def cifar10_splits(root: str | Path) -> tuple[ArraySplit, ArraySplit, list[str]]
     return (ArraySplit(tr.data, np.asarray(tr.targets)), ArraySplit(va.data, np.asarray(va.targets)), list(tr.classes))
 
 
-def _check_image(path: str) -> str | None:
-    """Fully decode one file; return an error string if it cannot be read as an RGB image."""
+def _check_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """Fully decode one file; (None, (width, height)) if it reads as an RGB image, else (error string, None)."""
     try:
         with Image.open(path) as im:
-            im.convert("RGB").load()
-        return None
+            rgb = im.convert("RGB")
+            rgb.load()
+            return None, rgb.size
     except Exception as e:  # noqa: BLE001 - every decode failure means "skip this file"
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", None
+
+
+def scan_images(files: Sequence[str], workers: int = 2, desc: str = "checking images"
+                ) -> tuple[list[str | None], list[tuple[int, int] | None]]:
+    """Decode every file in parallel (progress bar); per file, in order: an error string or None, and its
+    (width, height) or None."""
+    bar = {"total": len(files), "desc": desc, "unit": "img", "mininterval": 2}
+    if workers <= 1 or len(files) < 64:
+        results = [_check_image(f) for f in tqdm(files, **bar)]
+    else:
+        with get_context("fork").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_check_image, files, chunksize=64), **bar))
+    return [e for e, _ in results], [s for _, s in results]
 
 
 def scan_image_files(files: Sequence[str], workers: int = 2, desc: str = "checking images") -> list[str | None]:
     """Decode every file in parallel (progress bar); one error string or None per file, in order."""
-    if workers <= 1 or len(files) < 64:
-        return [_check_image(f) for f in tqdm(files, desc=desc, unit="img", mininterval=2)]
-    with get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_check_image, files, chunksize=64), total=len(files), desc=desc, unit="img",
-                         mininterval=2))
+    return scan_images(files, workers, desc)[0]
+
+
+def _class_images(folder: Path) -> list[str]:
+    return [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+
+
+def require_images_per_class(split_dir: Path, labels: Sequence[int], classes: Sequence[str], lacking: str) -> None:
+    """Refuse a training split where some class has no image: it would still take a label, shifting every later one.
+    ``lacking`` says what those folders lack ("hold no images", ...)."""
+    empty = sorted(set(range(len(classes))) - set(labels))
+    if empty:
+        shown = ", ".join(f"'{split_dir / classes[i]}'" for i in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise DatasetError(f"class folder(s) {shown}{more} {lacking}, so every later class label would shift",
+                           "remove the folder(s) or add images that decode to them")
 
 
 def imagefolder_split(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
-    """Files and labels of ``<split_dir>/<class>/*``; classes are sorted folder names (taken from train for val)."""
+    """Files and labels of ``<split_dir>/<class>/*``; classes are sorted folder names (taken from train for val).
+
+    Train (``classes`` None) defines the labels, so each of its class folders must hold an image: an empty one would
+    become a class without images and shift every later label. A val class folder may be empty."""
     if not split_dir.is_dir():
         raise DatasetError(f"ImageFolder split '{split_dir}' does not exist; expected <src>/train/<class>/*.JPEG and "
                            f"<src>/val/<class>/*.JPEG (ImageNet layout)")
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not found:
         raise DatasetError(f"ImageFolder split '{split_dir}' has no class folders; expected {split_dir}/<class>/*.JPEG")
-    if classes is None:
+    train = classes is None
+    if train:
         classes = found
     elif set(found) - set(classes):
         extra = sorted(set(found) - set(classes))[:5]
         raise DatasetError(f"'{split_dir}' has classes that train/ lacks ({extra}...); both splits need the same classes")
     index = {c: i for i, c in enumerate(classes)}
-    files, labels = [], []
-    for c in found:
-        for p in sorted((split_dir / c).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
-                files.append(str(p))
-                labels.append(index[c])
+    per_class = {c: _class_images(split_dir / c) for c in found}
+    files = [f for c in found for f in per_class[c]]
+    labels = [index[c] for c in found for _ in per_class[c]]
+    if train:
+        require_images_per_class(split_dir, labels, classes, f"hold no images ({', '.join(IMG_EXTENSIONS)})")
     if not files:
         raise DatasetError(f"ImageFolder split '{split_dir}' has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
     return files, labels, classes

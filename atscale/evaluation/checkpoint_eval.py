@@ -54,7 +54,8 @@ def check_data_fits(root: str, meta: dict) -> None:
 def _load(path: str | Path, overrides: Sequence[str]) -> tuple[NormalizedModel, Config, dict, torch.device, list]:
     """The model, the evaluation config, the meta, the device and the eval keys the user set."""
     state = load_checkpoint(path, map_location="cpu")
-    cfg = with_overrides(config_from_yaml_text(state["config"]), overrides, EVAL_SECTIONS)
+    cfg = with_overrides(config_from_yaml_text(state["config"]), overrides, EVAL_SECTIONS,
+                         origin="the checkpoint's config")
     given = [".".join(parse_override(ov)[0]) for ov in overrides]
     device = dist.init(dist.DistEnv.from_env(), cfg.run.device)
     model, _, meta = model_from_state(state, path, torch.device("cpu"), cfg.eval.bn_domain, cfg.eval.weights)

@@ -120,6 +120,35 @@ def _shard_size(loader) -> int | None:
     return len(idx) if idx is not None else None
 
 
+class _Progress:
+    """The evaluator's bar: images done (of this rank's shard), the attack running with its index ("final eval pgd10
+    (3/5)") and the running clean accuracy. Every attack is shown as it starts on the first batch; after that the
+    line is redrawn at most once per ``mininterval`` seconds."""
+
+    def __init__(self, total: int | None, desc: str, labels: list[str], *, enabled: bool, mininterval: float = 1.0):
+        self.desc, self.labels, self.mininterval = desc, labels, mininterval
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
+                        mininterval=mininterval, leave=False)
+        self.first_batch, self.last = True, 0.0
+
+    def clean(self, correct: int, seen: int) -> None:
+        self.bar.set_postfix({"clean": f"{correct / max(1, seen):.3f}"}, refresh=False)
+
+    def attack(self, i: int) -> None:
+        self.bar.set_description_str(f"{self.desc} {self.labels[i]} ({i + 1}/{len(self.labels)})", refresh=False)
+        now = time.monotonic()
+        if self.first_batch or now - self.last >= self.mininterval:
+            self.bar.refresh()
+            self.last = now
+
+    def done(self, images: int) -> None:
+        self.first_batch = False
+        self.bar.update(images)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_suite(model: nn.Module, loader, suite: Suite, *, amp_dtype: torch.dtype | None = None, max_images: int = 0,
               seed: int = 0, progress: bool = True, probes: bool = True,
               surrogates: dict[str, nn.Module] | None = None, sanity_opts: sanity.SanityOptions | None = None,
@@ -153,19 +182,19 @@ def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes,
     probe: dict = {}
     limit, total = rank_share(max_images), _shard_size(loader)
     total = min(total, limit) if total is not None and limit is not None else total
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and dist.rank() == 0), dynamic_ncols=True,
-               mininterval=1.0, leave=False)
+    bar = _Progress(total, desc, [s.label for s in specs], enabled=progress and dist.rank() == 0)
     t0 = time.perf_counter()
     for x, y in first_images(loader, limit):
         with autocast(device, amp_dtype):
             clean_ok = model(x).argmax(1) == y
         tally.clean_correct += int(clean_ok.sum())
+        bar.clean(tally.clean_correct, tally.n + y.shape[0])
         if probes and not probe:
             probe = {"gradients": sanity.probe_gradients(model, x, y, amp_dtype),
                      "stochastic": sanity.probe_stochastic(model, x)}
         robust = {}
-        for s in specs:
-            bar.set_postfix({"attack": s.label}, refresh=False)
+        for i, s in enumerate(specs):
+            bar.attack(i)
             t1 = time.perf_counter()
             with torch.enable_grad():
                 res = attacks[s.label].perturb(surrogates.get(s.source, model), x, y)
@@ -175,8 +204,7 @@ def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes,
             robust[s.label] = tally.add_attack(s.label, clean_ok, pred, y, res.target)
         tally.add_aggregates(clean_ok, robust)
         tally.n += y.shape[0]
-        bar.update(y.shape[0])
-        bar.set_postfix({"clean": f"{tally.clean_correct / tally.n:.3f}"}, refresh=False)
+        bar.done(y.shape[0])
     bar.close()
     seconds = _reduce_max([time.perf_counter() - t0], device)[0]
     if probes:

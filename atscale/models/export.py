@@ -3,21 +3,31 @@
 ``timm.create_model('local-dir:<folder>', pretrained=True)`` rebuilds the architecture (with its recorded
 ``model_args``) and loads the weights; ``pretrained_cfg`` carries mean/std, input size and crop, so timm's own
 preprocessing reproduces our built-in normalization and the logits match the trained model's.
+
+The folder is built beside the target as ``.<name>.<pid>@<host>.*`` and swapped in atomically
+(:func:`atscale.fsio.replace_dir`), with the modes the user's umask implies; folders left by killed exports are
+removed by the next one.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import shutil
-import tempfile
+import socket
+import time
 from pathlib import Path
 
 import torch
 from timm.models import save_for_hf
 
+from atscale.errors import ConfigError
+from atscale.fsio import finalize_tree, make_temp_dir, replace_dir
 from atscale.layers.mixture_bn import MixtureBatchNorm2d, collapse_mixture_bn, mixture_domains
 from atscale.models.normalize import NormalizedModel
+
+FOREIGN_STALE_S = 24 * 3600  # a temporary export folder of another host (or older atscale) this old is abandoned
 
 
 def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input_size: int, crop_pct: float = 0.875,
@@ -37,16 +47,64 @@ def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input
                                              "license": None}}
     if label_names:
         model_config["label_names"] = list(label_names)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"export folder '{out_dir}' is a file", "remove it or export to another folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    remove_stale_temp_dirs(out_dir)
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.{_owner_tag()}.")
     try:
         save_for_hf(net, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
         if extra:
             (tmp / "atscale.json").write_text(json.dumps(extra, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        finalize_tree(tmp)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """``<pid>@<host>``: who builds a temporary export folder, so a later export can tell whether it is abandoned."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders (``.<name>.<pid>@<host>.*``) that killed exports of ``out_dir`` left beside it.
+
+    A folder is stale when it was made on this host by a process that no longer runs, or (another host, whose
+    processes cannot be checked, or an unnamed folder of an older atscale) when untouched for
+    :data:`FOREIGN_STALE_S` seconds. Returns the folders deleted."""
+    out_dir = Path(out_dir)
+    ours = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)@([A-Za-z0-9-]+)\..+")
+    legacy = re.compile(rf"\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}")
+    host, removed = _host(), []
+    for p in out_dir.parent.iterdir():
+        m = ours.fullmatch(p.name)
+        if not p.is_dir() or p.is_symlink() or not (m or legacy.fullmatch(p.name)):
+            continue
+        try:
+            stale = not _pid_alive(int(m[1])) if m and m[2] == host else \
+                time.time() - p.stat().st_mtime > FOREIGN_STALE_S
+        except FileNotFoundError:
+            continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

@@ -2,20 +2,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from atscale.reporting.runlog import read_log
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-def plot_accuracy_vs_steps(results: dict, path: Path, title: str = "") -> Path:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _new_figure(figsize: tuple[float, float], ncols: int = 1) -> tuple[Figure, Any]:
+    """A figure not registered with pyplot (no global state, no backend switch); ``savefig`` renders it with Agg."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize, dpi=120)
+    return fig, fig.subplots(1, ncols)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_measured(ax: Axes, xs: list[float], ys: list[float], **kw: Any) -> Line2D:
+    """Plot what was measured: a marker at each point; a thin connecting line only for 3+ points (so a sweep reads as
+    one curve), never for 1-2 points, where a line would imply a trend nobody measured."""
+    style = {"linestyle": "-", "linewidth": 0.8} if len(xs) >= 3 else {"linestyle": "None"}
+    return ax.plot(xs, ys, marker="o", ms=4, **style, **kw)[0]
+
+
+def accuracy_vs_steps_figure(results: dict, title: str = "") -> Figure:
+    """The figure of :func:`plot_accuracy_vs_steps`."""
     attacks = sorted((v["steps"], v["acc"]) for k, v in results.items() if k != "clean")
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, ax = _new_figure((5, 3.5))
     if attacks:
-        ax.plot([s for s, _ in attacks], [100 * a for _, a in attacks], "o-", label="PGD accuracy")
+        plot_measured(ax, [s for s, _ in attacks], [100 * a for _, a in attacks], label="PGD accuracy")
     ax.axhline(100 * results["clean"]["acc"], color="gray", ls="--", label="clean accuracy")
     ax.set_xscale("log")
     ax.set_xlabel("PGD steps")
@@ -24,24 +47,23 @@ def plot_accuracy_vs_steps(results: dict, path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_training(log_path: Path, path: Path) -> Path | None:
-    import matplotlib
+def plot_accuracy_vs_steps(results: dict, path: Path, title: str = "") -> Path:
+    """Accuracy over PGD steps (an evaluation's rows) against the clean accuracy, written to ``path``."""
+    return _save(accuracy_vs_steps_figure(results, title), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def training_figure(log_path: Path) -> Figure | None:
+    """The figure of :func:`plot_training` (None without training records): the loss as logged, and each
+    validation accuracy as measured points."""
     recs = read_log(log_path)
     train = [r for r in recs if r["kind"] == "train"]
     val = [r for r in recs if r["kind"] == "val"]
     if not train:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
+    fig, (a1, a2) = _new_figure((9, 3.2), ncols=2)
     a1.plot([r["step"] for r in train], [r["loss"] for r in train])
     a1.set_xlabel("step")
     a1.set_ylabel("train loss")
@@ -50,16 +72,19 @@ def plot_training(log_path: Path, path: Path) -> Path | None:
     for key, label in (("clean_acc", "val clean"), ("pgd_acc", f"val {attack}")):
         pts = [(r["step"], 100 * r[key]) for r in val if key in r]
         if pts:
-            a2.plot(*zip(*pts), "o-", label=label)
+            plot_measured(a2, [p[0] for p in pts], [p[1] for p in pts], label=label)
     a2.set_xlabel("step")
     a2.set_ylabel("accuracy (%)")
     a2.grid(alpha=0.3)
     if val:
         a2.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_training(log_path: Path, path: Path) -> Path | None:
+    """:func:`training_figure` written to ``path``; None (nothing written) without training records."""
+    fig = training_figure(log_path)
+    return None if fig is None else _save(fig, path)
 
 
 def results_table(results: dict) -> str:
@@ -94,8 +119,9 @@ def write_report(run_dir: Path, cfg, doc: dict, meta: dict, train_summary: dict,
              "classified as the attacker's target; untargeted = share of clean-correct images that the attack made "
              "wrong.", ""] + [f"- sanity flag ({f['severity']}): {f['message']}" for f in doc.get("flags", [])] + [
              "", "## Training", "",
-             f"- optimizer steps: {train_summary.get('steps')}, wall time {train_summary.get('seconds', 0):.0f} s, "
-             f"{train_summary.get('img_per_s', 0):.1f} training images/s (attack included)",
+             f"- optimizer steps: {train_summary.get('steps')}, training time {train_summary.get('seconds', 0):.0f} s "
+             f"in {train_summary.get('processes', 1)} process(es) (the whole run across resumes; work re-done after a "
+             f"kill counts once), {train_summary.get('img_per_s', 0):.1f} training images/s (attack included)",
              f"- final train loss {train_summary.get('loss', float('nan')):.4f}, train (adversarial) accuracy "
              f"{100 * train_summary.get('acc', float('nan')):.2f}%", ""]
     for p in plots:
@@ -145,19 +171,17 @@ def _suite_curves(results: dict, axis: str) -> list[tuple[str, list[tuple[float,
     return sorted(curves)
 
 
-def _plot_suite(results: dict, axis: str, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for label, pts in _suite_curves(results, axis):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, ms=4)
+def suite_figure(results: dict, axis: str, title: str = "") -> Figure:
+    """The figure of the suite plots: robust accuracy over ``axis`` ("steps" or "eps"), one curve per attack
+    setting, each drawn as measured (:func:`plot_measured`)."""
+    curves = _suite_curves(results, axis)
+    fig, ax = _new_figure((5.5, 3.8))
+    for label, pts in curves:
+        plot_measured(ax, [p[0] for p in pts], [p[1] for p in pts], label=label)
     if "clean" in results:
         ax.axhline(100 * results["clean"]["acc"], color="gray", ls="--", label="clean accuracy")
     if axis == "steps":
-        ticks = sorted({p[0] for _, pts in _suite_curves(results, axis) for p in pts})
+        ticks = sorted({p[0] for _, pts in curves for p in pts})
         ax.set_xscale("log")
         if ticks:
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -171,19 +195,21 @@ def _plot_suite(results: dict, axis: str, path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _plot_suite(results: dict, axis: str, path: Path, title: str) -> Path:
+    """:func:`suite_figure` written to ``path``."""
+    return _save(suite_figure(results, axis, title), path)
 
 
 def plot_accuracy_vs_iterations(results: dict, path: Path, title: str = "") -> Path:
-    """Suite results (label -> row with acc, attack, eps, steps, ...): one line per attack setting over iterations."""
+    """Suite results (label -> row with acc, attack, eps, steps, ...): one curve per attack setting over iterations."""
     return _plot_suite(results, "steps", Path(path), title)
 
 
 def plot_accuracy_vs_eps(results: dict, path: Path, title: str = "") -> Path:
-    """Suite results: one line per attack setting over eps, starting at clean accuracy at eps 0."""
+    """Suite results: one curve per attack setting over eps, starting at clean accuracy at eps 0."""
     return _plot_suite(results, "eps", Path(path), title)
 
 

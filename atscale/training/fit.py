@@ -25,7 +25,9 @@ from atscale.reporting.report import plot_training, results_table, write_report
 from atscale.reporting.runlog import RunLog
 from atscale.training import preempt
 from atscale.training.loop import EpochResult, train_epoch
-from atscale.training.run import Run, build
+from atscale.errors import RunEnvironmentError
+from atscale.run_folder import RunFolder, RunLock
+from atscale.training.run import Resume, Run, build, find_resume
 from atscale.training.schedule import StepPlan
 
 
@@ -35,9 +37,37 @@ def main(cfg: Config) -> dict[str, Any]:
     device = dist.init(env, cfg.run.device, cfg.dist.backend, cfg.dist.timeout_min,
                        group_required=cfg.dist.engine == "deepspeed")
     try:
-        return fit(build(cfg, device))
+        found = find_resume(cfg, device)  # a bad checkpoint or config change stops before the folder is touched
+        lock = claim_run_folder(cfg, device)
+        try:
+            return fit(build(cfg, device), found)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         dist.cleanup()
+
+
+def claim_run_folder(cfg: Config, device: torch.device) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (a second process on the folder is refused, on every rank) and removes
+    the temporary files that killed writers left there; returns the lock to release at the end."""
+    lock, error = None, None
+    if dist.rank() == 0:
+        folder = RunFolder(cfg.run_dir)
+        try:
+            lock = folder.lock()
+        except RunEnvironmentError as e:
+            error = e
+        else:
+            removed = folder.remove_stale_temporaries()
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) left by an interrupted run: "
+                      f"{', '.join(p.name for p in removed[:4])}{' ...' if len(removed) > 4 else ''}",
+                      file=sys.stderr)
+    if dist.any_rank(error is not None, device):
+        raise error or RunEnvironmentError(f"rank 0 could not lock the run folder '{cfg.run_dir}'",
+                                           "see rank 0's error")
+    return lock
 
 
 class StepHooks:
@@ -57,7 +87,7 @@ class StepHooks:
         if cfg.run.max_steps > 0 and run.step >= cfg.run.max_steps:
             reason = "max_steps"
         elif dist.any_rank(preempt.stop_requested(), run.device):
-            reason = "preempted"
+            reason = preempt.stop_reason() if preempt.stop_requested() else "preempted"
         if reason or (cfg.run.ckpt_every_steps and run.step % cfg.run.ckpt_every_steps == 0 and not end_of_epoch):
             run.save()
         return reason
@@ -113,40 +143,59 @@ def end_epoch(run: Run, log: RunLog | None, res: EpochResult) -> bool:
 
 
 def train(run: Run, log: RunLog | None) -> dict[str, Any]:
-    """Epochs until ``schedule.epochs``, early stopping or a stop request; returns the summary of this process's
-    training (``stopped`` holds the reason when it stopped early)."""
-    hooks, seconds, images, last, stopped, early = StepHooks(run, log), 0.0, 0, {}, "", False
+    """Epochs until ``schedule.epochs``, early stopping or a stop request; returns the training summary (``stopped``
+    holds the reason when it stopped early; time and images are the whole run's, across resumes)."""
+    hooks, last, stopped, early = StepHooks(run, log), {}, "", False
     while run.epoch < run.cfg.schedule.epochs:
         res = train_epoch(run, hooks)
-        seconds, images, last = seconds + res.seconds, images + res.images, res.averages or last
-        stopped = res.stopped
+        last, stopped = res.averages or last, res.stopped
         if stopped:
             break
         early = end_epoch(run, log, res)
         if early:
             break
-    return {"stopped": stopped, "early_stopped": early, **last, "seconds": seconds, "epoch": run.epoch,
-            "img_per_s": images / max(1e-9, seconds)}
+    return {"stopped": stopped, "early_stopped": early, **last, "seconds": run.train_seconds, "epoch": run.epoch,
+            "img_per_s": run.train_images / max(1e-9, run.train_seconds), "processes": run.processes}
 
 
-def fit(run: Run) -> dict[str, Any]:
-    """Resume when asked, train, then evaluate, export and report (or stop at a step with a checkpoint)."""
+def stop_message(run: Run, reason: str) -> str:
+    if reason == "max_steps":
+        return f"stopped at step {run.step}: reached run.max_steps = {run.cfg.run.max_steps}; checkpoint " \
+               f"{run.ckpts.last}; to continue, raise run.max_steps (0 = to the end) and pass --resume auto"
+    return f"stopped at step {run.step} ({reason}); checkpoint {run.ckpts.last}; continue with --resume auto"
+
+
+def start_log(run: Run, found: Resume | None) -> RunLog | None:
+    """Rank 0's log, with a ``resume`` record first when continuing (checkpoint, changed settings) and the ``start``
+    record (records after its step in the earlier part of log.jsonl were re-done or discarded;
+    :func:`atscale.reporting.runlog.read_log` drops them)."""
+    if not run.main:
+        return None
+    cfg = run.cfg
+    log = RunLog(cfg.run_dir, cfg.log.tensorboard)
+    if found is not None:
+        log.write("resume", run.step, checkpoint=str(found.path),
+                  config_changes=[f"{k}: {a!r} -> {b!r}" for k, a, b in found.changes])
+    log.write("start", run.step, device=str(run.device), amp=str(run.amp_dtype), world_size=run.world,
+              steps_per_epoch=run.steps_per_epoch(run.train_loader()), peak_lr=run.peak_lr(),
+              global_batch=run.global_batch, resumed_from=str(found.path) if found else None,
+              threads=torch.get_num_threads(), channels_last=cfg.model.channels_last,
+              fused_optimizer=bool(run.updater.optimizer.param_groups[0].get("fused")), perf=asdict(cfg.perf))
+    return log
+
+
+def fit(run: Run, found: Resume | None = None) -> dict[str, Any]:
+    """Continue from ``found`` (:func:`find_resume`'s) when given, train, then evaluate, export and report (or stop at
+    a step with a checkpoint)."""
     t_start = time.perf_counter()
     cfg = run.cfg
-    resumed = run.resume()
-    log = RunLog(cfg.run_dir, cfg.log.tensorboard) if run.main else None
-    if log:
-        log.write("start", run.step, device=str(run.device), amp=str(run.amp_dtype), world_size=run.world,
-                  steps_per_epoch=run.steps_per_epoch(run.train_loader()), peak_lr=run.peak_lr(),
-                  global_batch=run.global_batch, resumed_from=str(resumed) if resumed else None,
-                  threads=torch.get_num_threads(), channels_last=cfg.model.channels_last,
-                  fused_optimizer=bool(run.updater.optimizer.param_groups[0].get("fused")), perf=asdict(cfg.perf))
+    run.resume(found)
+    log = start_log(run, found)
     summary = train(run, log)
     summary["steps"] = run.step
     if summary["stopped"]:
         if run.main:
-            print(f"stopped at step {run.step} ({summary['stopped']}); checkpoint {run.ckpts.last}; continue with "
-                  f"--resume auto", file=sys.stderr)
+            print(stop_message(run, summary["stopped"]), file=sys.stderr)
         if log:
             log.write("stopped", run.step, epoch=run.epoch, reason=summary["stopped"])
             log.close()

@@ -96,6 +96,7 @@ def train_epoch(run: "Run", after_step) -> EpochResult:
     meter, guard = Meter(), DivergenceGuard(run.amp_dtype)
     k = run.batch // accum * replays  # optimizer steps of this epoch already done (resume)
     skip, t0, seen, stopped = run.batch, time.perf_counter(), 0, ""
+    base_seconds, base_images = run.train_seconds, run.train_images
     bar = tqdm(total=usable, initial=skip, desc=f"epoch {run.epoch + 1}/{run.cfg.schedule.epochs}", unit="batch",
                disable=not (run.cfg.log.progress and run.main), dynamic_ncols=True, mininterval=1.0, leave=False)
     for i, (x, y) in enumerate(loader):
@@ -118,7 +119,9 @@ def train_epoch(run: "Run", after_step) -> EpochResult:
             m = step_metrics(out, y)
             guard.check(m["loss"], run.step, i + 1)
             meter.add(y.shape[0], **m)
-            m.update(lr=plan.lr, img_per_s=seen / max(1e-9, time.perf_counter() - t0))
+            elapsed = time.perf_counter() - t0
+            run.train_seconds, run.train_images = base_seconds + elapsed, base_images + seen
+            m.update(lr=plan.lr, img_per_s=seen / max(1e-9, elapsed))
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}", img_s=f"{m['img_per_s']:.0f}",
                             lr=f"{plan.lr:.3g}")
             stopped = after_step(m, plan, i + 1 == usable)

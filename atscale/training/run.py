@@ -21,7 +21,8 @@ from torch import nn
 from atscale import distributed as dist
 from atscale.attacks import build_attack
 from atscale.checkpoint import CheckpointDir, load_checkpoint, load_model_state, save_checkpoint
-from atscale.config import Config, save_config
+from atscale.config import Config, config_from_yaml_text, save_config
+from atscale.config.diff import config_changes, describe_changes
 from atscale.data import ensure_dataset, make_loader
 from atscale.data.augment import AutoAugmentBatch
 from atscale.distributed.updater import build_updater
@@ -56,6 +57,7 @@ class Run:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accum = cfg.dist.grad_accum
         self.epoch = self.batch = self.step = 0
+        self.train_seconds, self.train_images, self.processes = 0.0, 0, 1  # whole run, across resumes
         self._phase: Phase | None = None
         loader = self.train_loader()
         if self.micro_batches(loader) == 0:
@@ -150,6 +152,8 @@ class Run:
         state.update({"attack": self.attack.state_dict(), "augment": self.augment.state_dict() if self.augment else {},
                       "objective": self.objective.state_dict(), "early_stop": self.stopper.state_dict(),
                       "torch_rng": torch.get_rng_state(), "epoch": epoch, "batch": batch, "step": self.step,
+                      "train_seconds": self.train_seconds, "train_images": self.train_images,
+                      "processes": self.processes,
                       **self._identity()})
         return state
 
@@ -179,16 +183,18 @@ class Run:
             print(f"note: checkpoint was written with world size {state.get('world_size')} x grad_accum "
                   f"{state.get('grad_accum')}; continuing with {self.world} x {self.accum}", file=sys.stderr)
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.train_seconds, self.train_images = state.get("train_seconds", 0.0), state.get("train_images", 0)
+        self.processes = state.get("processes", 1) + 1
 
-    def resume(self) -> Path | None:
-        """Load ``run.resume`` (auto: last.pt when present); returns the checkpoint read, or None."""
-        path = self.ckpts.resolve(self.cfg.run.resume)
-        if path is not None:
-            self.load_state_dict(load_checkpoint(path, map_location=self.device), path)
-            if self.main:
-                print(f"resumed from {path}: epoch {self.epoch}, batch {self.batch}, step {self.step}",
-                      file=sys.stderr)
-        return path
+    def resume(self, found: "Resume | None") -> Path | None:
+        """Continue from ``found`` (:func:`find_resume`'s, read before any set-up); returns its path, or None."""
+        if found is None:
+            return None
+        self.load_state_dict(found.state, found.path)
+        if self.main:
+            print(f"resumed from {found.path}: epoch {self.epoch}, batch {self.batch}, step {self.step}",
+                  file=sys.stderr)
+        return found.path
 
     def save(self) -> None:
         """Write ``step_<n>.pt`` (all ranks call this; rank 0 writes the file)."""
@@ -213,6 +219,58 @@ class Run:
         best = load_checkpoint(self.best_path, map_location=self.device)
         self.eval_model.load_state_dict(best["model"])
         return int(best["step"])
+
+
+@dataclass
+class Resume:
+    """A training checkpoint chosen for ``run.resume`` and read before any set-up."""
+
+    path: Path
+    state: dict[str, Any]
+    changes: list[tuple[str, Any, Any]]  # training keys that differ from the checkpoint's (run.config_change=allow)
+
+
+def find_resume(cfg: Config, device: torch.device) -> Resume | None:
+    """The checkpoint ``run.resume`` names, read and checked before the run folder is touched: ``auto`` takes the
+    newest readable checkpoint of the run (``last.pt`` or a newer ``step_*.pt``; an unreadable one is skipped with a
+    warning) and says loudly when there is none; a resume whose checkpoint was written under other training keys is
+    refused naming them, unless ``run.config_change=allow``."""
+    ckpts = CheckpointDir(cfg.run_dir / "checkpoints", cfg.run.keep_last)
+    candidates, main = ckpts.resolve(cfg.run.resume), dist.rank() == 0
+    if not candidates:
+        if cfg.run.resume == "auto" and main:
+            print(f"warning: run.resume=auto found no checkpoint in {ckpts.root}: starting run "
+                  f"'{cfg.run.name}' from step 0 (check run.name / run.out_dir if you meant to continue a run)",
+                  file=sys.stderr)
+        return None
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, map_location=device)
+        except CheckpointError as e:
+            if cfg.run.resume != "auto":
+                raise
+            skipped.append(f"{path.name}: {e.problem}")
+            continue
+        if skipped and main:
+            print(f"warning: skipped unreadable checkpoint(s) {', '.join(skipped)}; resuming from {path}",
+                  file=sys.stderr)
+        return Resume(path, state, _resume_changes(cfg, state, path))
+    raise CheckpointError(f"no readable checkpoint in {ckpts.root}: {', '.join(skipped)}",
+                          "restore a checkpoint there, or start anew without --resume (or with another run.name)")
+
+
+def _resume_changes(cfg: Config, state: dict, path: Path) -> list[tuple[str, Any, Any]]:
+    changes = config_changes(config_from_yaml_text(state["config"]), cfg)
+    if changes and cfg.run.config_change == "refuse":
+        raise CheckpointError(
+            f"checkpoint '{path}' was written under another config: {describe_changes(changes)}",
+            "resume with the checkpoint's settings (its config.yaml), or pass run.config_change=allow to continue "
+            "with the new values")
+    if changes and dist.rank() == 0:
+        print(f"note: resuming with changed settings (run.config_change=allow): {describe_changes(changes, 20)}",
+              file=sys.stderr)
+    return changes
 
 
 def _dataset(cfg: Config, main: bool) -> dict:
@@ -249,4 +307,4 @@ def build(cfg: Config, device: torch.device) -> Run:
     return Run(cfg, device, meta, model, val_loader)
 
 
-__all__ = ["Run", "Phase", "build"]
+__all__ = ["Run", "Phase", "Resume", "build", "find_resume"]
