@@ -97,10 +97,14 @@ class ObjectiveCfg:
 
 @dataclass
 class OptimCfg:
-    """SGD with Nesterov momentum, or TF-style RMSProp (EfficientNet / AdvProp, Xie thesis Sec 7.5.1: decay 0.9,
-    momentum 0.9); lr is per 256 images and scaled linearly with the global batch (Goyal et al.)."""
+    """SGD with Nesterov momentum, TF-style RMSProp (EfficientNet / AdvProp, Xie thesis Sec 7.5.1: decay 0.9,
+    momentum 0.9), or AdamW (the ConvNeXt / Swin / ViT recipes of the robust ImageNet leaderboard); lr is per
+    ``ref_batch`` images and scaled linearly with the global batch (Goyal et al.). Weight decay skips 1-d parameters
+    (norms, biases) and the model's own ``no_weight_decay()`` names (position embeddings, tokens) unless
+    ``decay_norm_and_bias``; ``layer_decay`` < 1 scales each layer's lr by layer_decay^(depth from the head)
+    (fine-tuning, timm's layer groups); ``clip_grad_norm`` > 0 clips the global gradient norm before each step."""
 
-    name: Literal["sgd", "rmsprop_tf"] = "sgd"
+    name: Literal["sgd", "rmsprop_tf", "adamw"] = "sgd"
     lr: float = 0.1
     ref_batch: int = 256
     momentum: float = 0.9
@@ -110,6 +114,10 @@ class OptimCfg:
     rmsprop_decay: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
     rmsprop_eps: float = 1e-3  # rmsprop_tf: epsilon inside the square root, as TensorFlow's
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; eval and export use it
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    adam_eps: float = 1e-8  # adamw
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay (e.g. 0.65-0.8 when fine-tuning a ViT / ConvNeXt)
+    clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm (fp16: of the unscaled gradients)
 
 
 @dataclass

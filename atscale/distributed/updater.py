@@ -34,8 +34,9 @@ class DDPUpdater:
     engine = "ddp"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, accum: int,
-                 amp_dtype: torch.dtype | None, gradient_as_bucket_view: bool = True, bucket_cap_mb: float = 25.0):
-        self.model, self.optimizer, self.accum = model, optimizer, accum
+                 amp_dtype: torch.dtype | None, gradient_as_bucket_view: bool = True, bucket_cap_mb: float = 25.0,
+                 clip_grad_norm: float = 0.0):
+        self.model, self.optimizer, self.accum, self.clip = model, optimizer, accum, clip_grad_norm
         self.module: nn.Module = model
         if dist.is_dist():
             self.module = nn.parallel.DistributedDataParallel(
@@ -55,6 +56,10 @@ class DDPUpdater:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if not last:
             return
+        if self.clip > 0:  # the global norm of the (all-reduced, unscaled) gradients
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -78,7 +83,7 @@ class DDPUpdater:
 
 
 def deepspeed_config(micro_batch: int, accum: int, world: int, zero_stage: int,
-                     amp_dtype: torch.dtype | None) -> dict[str, Any]:
+                     amp_dtype: torch.dtype | None, clip_grad_norm: float = 0.0) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum,
@@ -86,7 +91,7 @@ def deepspeed_config(micro_batch: int, accum: int, world: int, zero_stage: int,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": amp_dtype == torch.bfloat16},
         "fp16": {"enabled": amp_dtype == torch.float16},
-        "gradient_clipping": 0.0,
+        "gradient_clipping": clip_grad_norm,
         "zero_allow_untested_optimizer": True,  # torch SGD (Nesterov) with our two weight-decay groups
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -99,7 +104,7 @@ class DeepSpeedUpdater:
     engine = "deepspeed"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, accum: int,
-                 amp_dtype: torch.dtype | None, micro_batch: int, zero_stage: int):
+                 amp_dtype: torch.dtype | None, micro_batch: int, zero_stage: int, clip_grad_norm: float = 0.0):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -108,7 +113,7 @@ class DeepSpeedUpdater:
         if amp_dtype is not None and device.type != "cuda":
             raise ConfigError(f"dist.engine=deepspeed with run.amp={amp_dtype} needs a GPU",
                               "on CPU use run.amp=off (or auto)")
-        cfg = deepspeed_config(micro_batch, accum, dist.world_size(), zero_stage, amp_dtype)
+        cfg = deepspeed_config(micro_batch, accum, dist.world_size(), zero_stage, amp_dtype, clip_grad_norm)
         # ZeRO flattens parameters into contiguous buffers (and broadcasts them as bytes): channels_last stays on the
         # activations (the loader's batches), parameters go back to the default layout
         model = model.to(memory_format=torch.contiguous_format)
@@ -173,9 +178,11 @@ class DeepSpeedUpdater:
 
 
 def build_updater(dist_cfg, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                  amp_dtype: torch.dtype | None, micro_batch: int) -> DDPUpdater | DeepSpeedUpdater:
+                  amp_dtype: torch.dtype | None, micro_batch: int,
+                  clip_grad_norm: float = 0.0) -> DDPUpdater | DeepSpeedUpdater:
+    """The engine of ``dist.engine``; ``clip_grad_norm`` > 0 clips the global gradient norm before each step."""
     if dist_cfg.engine == "deepspeed":
         return DeepSpeedUpdater(model, optimizer, device, dist_cfg.grad_accum, amp_dtype, micro_batch,
-                                dist_cfg.zero_stage)
+                                dist_cfg.zero_stage, clip_grad_norm)
     return DDPUpdater(model, optimizer, device, dist_cfg.grad_accum, amp_dtype, dist_cfg.gradient_as_bucket_view,
-                      dist_cfg.bucket_cap_mb)
+                      dist_cfg.bucket_cap_mb, clip_grad_norm)

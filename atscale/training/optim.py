@@ -1,5 +1,5 @@
-"""Optimizers (SGD with Nesterov momentum, TF-style RMSProp), weight decay on weights only, and a per-iteration
-learning-rate schedule.
+"""Optimizers (SGD with Nesterov momentum, TF-style RMSProp, AdamW), weight decay on weights only, layer-wise lr decay,
+and a per-iteration learning-rate schedule.
 
 Feature Denoising (Xie thesis Sec 4.5) recipe: SGD, lr 0.1 x B/256 (linear scaling, Goyal et al. 2017) with 5 warmup
 epochs, /10 at epochs 35, 70, 95; weight decay 1e-4 not applied to BN parameters and biases.
@@ -16,33 +16,66 @@ from torch import nn
 from atscale.errors import ConfigError
 
 
+def _no_decay_names(net: nn.Module) -> set[str]:
+    """The model's own no-decay parameter names (timm: ``no_weight_decay()`` -> position embeddings, class tokens)."""
+    fn = getattr(net, "no_weight_decay", None)
+    return set(fn()) if callable(fn) else set()
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Two groups, [decay, no decay]: 1-d parameters (norms, biases) and the model's ``no_weight_decay()`` names go
+    without decay unless ``decay_norm_and_bias``."""
+    net = getattr(model, "net", model)
+    skip = {id(p) for n, p in net.named_parameters() if n in _no_decay_names(net)}
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if (p.ndim > 1 or decay_norm_and_bias) else no_decay).append(p)
+        (decay if decay_norm_and_bias or (p.ndim > 1 and id(p) not in skip) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's layer-wise lr decay groups over the wrapped timm net (each with ``lr_scale`` = layer_decay^(depth from
+    the head); the loop multiplies the scheduled lr by it). Needs a timm model with layer groups."""
+    from timm.optim import param_groups_layer_decay
+
+    net = getattr(model, "net", model)
+    if not hasattr(net, "group_matcher"):
+        raise ConfigError(f"optim.layer_decay = {layer_decay} needs a timm model with layer groups "
+                          f"(group_matcher); {type(net).__name__} has none", "set optim.layer_decay=1")
+    own = {id(p) for p in net.parameters()}
+    if any(id(p) not in own for p in model.parameters() if p.requires_grad):
+        raise ConfigError("optim.layer_decay: the model has trainable parameters outside its timm net",
+                          "set optim.layer_decay=1")
+    return param_groups_layer_decay(net, weight_decay, no_weight_decay_list=_no_decay_names(net),
+                                    layer_decay=layer_decay)
 
 
 def use_fused(setting: str, optim_name: str, device: torch.device, engine: str = "ddp") -> bool:
     """``perf.fused_optimizer``: auto = fused SGD kernels on CUDA (one launch for all parameters) under DDP, foreach
     elsewhere (DeepSpeed steps its own flattened partitions: fused there only when asked for with ``on``)."""
     if setting == "on" and optim_name != "sgd":
-        raise ConfigError(f"perf.fused_optimizer = on needs optim.name = sgd (timm's RMSpropTF for optim.name = "
-                         f"{optim_name} has no fused form); use perf.fused_optimizer = auto or off")
+        raise ConfigError(f"perf.fused_optimizer = on needs optim.name = sgd (atscale's fused path is torch's fused "
+                          f"SGD), but optim.name = {optim_name}", "use perf.fused_optimizer = auto or off")
     return setting == "on" or (setting == "auto" and optim_name == "sgd" and device.type == "cuda" and engine == "ddp")
 
 
 def build_optimizer(model: nn.Module, optim_cfg, global_batch: int, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or RMSpropTF over ``param_groups``; ``fused`` picks torch's fused SGD kernels."""
+    """SGD (Nesterov), RMSpropTF or AdamW over ``param_groups`` (or :func:`layer_decay_groups`); ``fused`` picks
+    torch's fused SGD kernels."""
     lr = optim_cfg.lr * global_batch / optim_cfg.ref_batch
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_norm_and_bias)
+    if optim_cfg.layer_decay < 1:
+        groups = layer_decay_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay)
+    else:
+        groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_norm_and_bias)
     if optim_cfg.name == "rmsprop_tf":
         from timm.optim import RMSpropTF
 
         return RMSpropTF(groups, lr=lr, alpha=optim_cfg.rmsprop_decay, eps=optim_cfg.rmsprop_eps,
                          momentum=optim_cfg.momentum)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.adam_eps)
     return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
                            fused=True if fused else None)
 
@@ -66,10 +99,3 @@ def lr_factor(step: int, steps_per_epoch: int, sched_cfg) -> float:
     if sched_cfg.name == "exponential":
         return sched_cfg.gamma ** math.floor(epoch / sched_cfg.decay_every_epochs)
     return 1.0
-
-
-def set_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: float) -> float:
-    lr = peak_lr * factor
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    return lr

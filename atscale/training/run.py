@@ -67,7 +67,8 @@ class Run:
         self.global_batch = cfg.data.batch_size * self.world * self.accum
         self.fused = use_fused(cfg.perf.fused_optimizer, cfg.optim.name, device, cfg.dist.engine)
         optimizer = build_optimizer(model, cfg.optim, self.global_batch, self.fused)
-        self.updater = build_updater(cfg.dist, model, optimizer, device, self.amp_dtype, cfg.data.batch_size)
+        self.updater = build_updater(cfg.dist, model, optimizer, device, self.amp_dtype, cfg.data.batch_size,
+                                     cfg.optim.clip_grad_norm)
         self.model = self.updater.model
         self.attack = build_attack(cfg.attack, self.amp_dtype, seed=cfg.run.seed + 1009 * self.rank)
         self.base_budget = (float(getattr(self.attack, "eps", 0.0)), float(getattr(self.attack, "step", 0.0)))
@@ -130,7 +131,7 @@ class Run:
     def apply(self, plan: StepPlan) -> None:
         """Set the optimizer's lr and the attack's budget to ``plan``'s."""
         for g in self.updater.optimizer.param_groups:
-            g["lr"] = plan.lr
+            g["lr"] = plan.lr * g.get("lr_scale", 1.0)  # layer-wise lr decay (optim.layer_decay)
         if self.cfg.attack.warmup_epochs > 0:
             self.attack.set_budget(plan.eps, plan.step)
 
