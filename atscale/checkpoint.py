@@ -188,3 +188,43 @@ def model_from_checkpoint(path: str | Path, device: torch.device, bn_domain: str
                           weights: str = "auto") -> tuple[NormalizedModel, Config, dict]:
     """:func:`model_from_state` of the checkpoint file ``path``."""
     return model_from_state(load_checkpoint(path, map_location=device), path, device, bn_domain, weights)
+
+
+def _pretrained_state(source: str) -> dict[str, torch.Tensor]:
+    """The timm net's state dict named by ``model.init_from``."""
+    path = Path(source.removeprefix("local-dir:"))
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"model.init_from = '{source}' is not a file or a folder with model.safetensors",
+                              "give an atscale .pt checkpoint, an export folder (local-dir:DIR) or a .safetensors file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = load_checkpoint(path) if path.suffix == ".pt" else torch.load(path, map_location="cpu",
+                                                                             weights_only=True)
+    if "config" in state and "model" in state:  # an atscale checkpoint: the evaluated weights of its net
+        weights = state.get("model_ema", state["model"])
+        return {k.removeprefix("net."): v for k, v in weights.items() if k.startswith("net.")}
+    return state.get("state_dict", state.get("model", state))
+
+
+def init_from_pretrained(model: NormalizedModel, source: str) -> list[str]:
+    """Load ``source``'s weights into ``model.net`` (fine-tuning); a classifier whose shape differs (another class
+    count) keeps its fresh initialization. Returns the names re-initialized; any other mismatch is a CheckpointError."""
+    net, state = model.net, _pretrained_state(source)
+    own = net.state_dict()
+    head = {f"{net.default_cfg.get('classifier', 'head')}.{k}" for k in net.get_classifier().state_dict()} \
+        if hasattr(net, "get_classifier") else set()
+    reset = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
+    state = {k: v for k, v in state.items() if k not in reset}
+    missing, unexpected = (sorted(set(own) - set(state) - set(reset)), sorted(set(state) - set(own)))
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(
+            f"model.init_from = '{source}' does not fit model '{type(net).__name__}': missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, other shapes {bad[:3]}",
+            "use weights of the same architecture and model.kwargs (only the classifier may differ)")
+    net.load_state_dict(state, strict=False)
+    return reset

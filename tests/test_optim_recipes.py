@@ -86,3 +86,32 @@ def test_adamw_with_layer_decay_and_clipping_trains_a_vit(digits_root: Path, tmp
     assert base > 0 and len({g["lr_scale"] for g in groups}) == VIT["depth"] + 2
     for g in groups:  # the loop applies the scheduled lr times each group's scale
         assert g["lr"] == pytest.approx(base * g["lr_scale"] / top)
+
+
+def test_fine_tuning_starts_from_a_checkpoint_or_an_export_and_resets_another_head(
+        trained_digits_model, digits_root: Path, tmp_path: Path) -> None:
+    """model.init_from: an atscale checkpoint (a tiny lr keeps the weights), its timm export, and a model with another
+    class count (only the classifier is re-initialized)."""
+    from atscale.checkpoint import init_from_pretrained
+    from atscale.models import build_from_config
+    from atscale.models.export import export_timm
+
+    src_model, cfg = trained_digits_model
+    ckpt = cfg.run_dir / "checkpoints" / "last.pt"
+    over = tiny_overrides(digits_root, tmp_path, "ft", **{"model.init_from": str(ckpt), "optim.lr": 1e-12,
+                                                         "run.max_steps": 1, "attack.name": "none",
+                                                         "objective.name": "clean"})
+    main(load_config(None, over))
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
+    for k, v in src_model.state_dict().items():
+        if v.is_floating_point() and "running" not in k:
+            assert torch.allclose(tuned[k], v, atol=1e-6), k
+
+    export_timm(src_model, tmp_path / "export", mean=cfg.model.mean, std=cfg.model.std, input_size=32, crop_pct=1.0)
+    four = build_from_config(cfg.model, 4)
+    fresh_fc = four.net.fc.weight.detach().clone()
+    assert init_from_pretrained(four, f"local-dir:{tmp_path / 'export'}") == ["fc.bias", "fc.weight"]
+    assert torch.equal(four.net.conv1.weight, src_model.net.conv1.weight) and torch.equal(four.net.fc.weight, fresh_fc)
+    vit = tiny_vit()
+    with pytest.raises(Exception, match="does not fit model 'VisionTransformer'.*only the classifier may differ"):
+        init_from_pretrained(vit, str(ckpt))

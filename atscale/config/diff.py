@@ -12,7 +12,7 @@ from typing import Any
 from atscale.config.schema import Config
 
 FREE_ON_RESUME: tuple[str, ...] = (
-    "log.", "eval.", "perf.",
+    "log.", "eval.", "perf.", "model.init_from",
     "run.resume", "run.max_steps", "run.threads", "run.device", "run.export", "run.ckpt_every_steps",
     "run.keep_last", "run.config_change", "run.out_dir", "run.name",
     "data.root", "data.src", "data.build_if_missing", "data.num_workers", "data.batches_ahead",

@@ -57,6 +57,10 @@ class ModelCfg:
     bn_domains: list[str] = field(default_factory=list)  # Mixture BN (Sec 6.4.2): one BN per domain, e.g. [clean, adv]
     eval_domain: str = ""  # the BN domain used for evaluation and kept by export ("" = the first of bn_domains)
     bn_momentum: float = 0.0  # torch convention (TF decay 0.99 = 0.01); 0 = the architecture's default
+    # fine-tuning: initial weights of the timm net from an atscale checkpoint (.pt; its EMA weights when kept), a timm
+    # folder ("local-dir:DIR" or DIR with model.safetensors) or a .safetensors / .pth state dict; a classifier whose
+    # class count differs is re-initialized. A resume takes the checkpoint's weights instead.
+    init_from: str = ""
 
 
 @dataclass

@@ -20,7 +20,8 @@ from torch import nn
 
 from atscale import distributed as dist
 from atscale.attacks import build_attack
-from atscale.checkpoint import CheckpointDir, load_checkpoint, load_model_state, save_checkpoint
+from atscale.checkpoint import (CheckpointDir, init_from_pretrained, load_checkpoint, load_model_state,
+                                save_checkpoint)
 from atscale.config import Config, config_from_yaml_text, save_config
 from atscale.config.diff import config_changes, describe_changes
 from atscale.data import ensure_dataset, make_loader
@@ -284,6 +285,11 @@ def _dataset(cfg: Config, main: bool) -> dict:
 def _model(cfg: Config, meta: dict, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.run.seed)
     model = build_from_config(cfg.model, meta["num_classes"])
+    if cfg.model.init_from:  # a resume then loads its checkpoint over these
+        reset = init_from_pretrained(model, cfg.model.init_from)
+        if dist.rank() == 0:
+            print(f"initialized from {cfg.model.init_from}" + (f" (re-initialized {', '.join(reset)}: another class "
+                  f"count)" if reset else ""), file=sys.stderr)
     if cfg.perf.activation_checkpointing != "off":
         enable_activation_checkpointing(model, attack=cfg.perf.activation_checkpointing == "all")
     if cfg.dist.sync_bn and dist.world_size() > 1:
