@@ -115,3 +115,20 @@ def test_fine_tuning_starts_from_a_checkpoint_or_an_export_and_resets_another_he
     vit = tiny_vit()
     with pytest.raises(Exception, match="does not fit model 'VisionTransformer'.*only the classifier may differ"):
         init_from_pretrained(vit, str(ckpt))
+
+
+def test_frozen_layers_keep_their_weights_and_a_bad_prefix_is_refused(digits_root: Path, tmp_path: Path) -> None:
+    from atscale.models import build_from_config
+
+    over = tiny_overrides(digits_root, tmp_path, "frozen", **{"model.freeze": ["net.conv1", "net.layer1"],
+                                                             "run.max_steps": 2})
+    cfg = load_config(None, over)
+    main(cfg)
+    torch.manual_seed(cfg.run.seed)
+    init = build_from_config(cfg.model, 10).state_dict()
+    trained = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")["model"]
+    for k in ("net.conv1.weight", "net.layer1.0.conv1.weight", "net.layer1.1.bn2.weight"):
+        assert torch.equal(trained[k], init[k]), k
+    assert not torch.equal(trained["net.layer2.0.conv1.weight"], init["net.layer2.0.conv1.weight"])
+    with pytest.raises(ConfigError, match=r"model.freeze names no parameters: \['net.conv9'\]"):
+        main(load_config(None, tiny_overrides(digits_root, tmp_path, "bad", **{"model.freeze": ["net.conv9"]})))

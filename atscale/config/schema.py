@@ -61,6 +61,9 @@ class ModelCfg:
     # folder ("local-dir:DIR" or DIR with model.safetensors) or a .safetensors / .pth state dict; a classifier whose
     # class count differs is re-initialized. A resume takes the checkpoint's weights instead.
     init_from: str = ""
+    # parameter-name prefixes (as in model.named_parameters(), e.g. [net.conv1, net.layer1]) whose weights stay fixed;
+    # inputs' gradients still flow through them (the attack sees the whole model), BN statistics still update
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -282,6 +282,21 @@ def _dataset(cfg: Config, main: bool) -> dict:
     return meta if meta is not None else ensure_dataset(cfg.data, seed=cfg.run.seed)
 
 
+def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
+    """``requires_grad = False`` for parameters named by ``model.freeze`` prefixes; returns how many were frozen."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unknown:
+        raise ConfigError(f"model.freeze names no parameters: {unknown}",
+                          f"use prefixes of model.named_parameters(), e.g. {names[0].rsplit('.', 1)[0]}")
+    frozen = 0
+    for n, p in model.named_parameters():
+        if any(n == q or n.startswith(q + ".") for q in prefixes):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def _model(cfg: Config, meta: dict, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.run.seed)
     model = build_from_config(cfg.model, meta["num_classes"])
@@ -290,6 +305,7 @@ def _model(cfg: Config, meta: dict, device: torch.device) -> nn.Module:
         if dist.rank() == 0:
             print(f"initialized from {cfg.model.init_from}" + (f" (re-initialized {', '.join(reset)}: another class "
                   f"count)" if reset else ""), file=sys.stderr)
+    freeze_parameters(model, cfg.model.freeze)
     if cfg.perf.activation_checkpointing != "off":
         enable_activation_checkpointing(model, attack=cfg.perf.activation_checkpointing == "all")
     if cfg.dist.sync_bn and dist.world_size() > 1:
