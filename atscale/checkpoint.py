@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from atscale.config import Config, config_from_yaml_text
-from atscale.errors import CheckpointError, ConfigError
+from atscale.errors import STORAGE_ERRNOS, CheckpointError, ConfigError
 from atscale.fsio import atomic_write_bytes
 from atscale.layers.mixture_bn import set_default_domain
 from atscale.models import NormalizedModel, build_from_config
 
 
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+WRITE_ERRNOS = STORAGE_ERRNOS + (errno.EACCES, errno.EPERM)
 
 
 def check_room(folder: Path, nbytes: int, why: str = "") -> None:

@@ -10,7 +10,7 @@ import errno
 import sys
 from typing import Callable
 
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # full, quota, read-only, file too large
 
 
 class AtscaleError(Exception):
@@ -62,7 +62,7 @@ def run_command(prog: str, fn: Callable[[], int | None]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except OSError as err:
-        if err.errno not in _STORAGE_ERRNOS:
+        if err.errno not in STORAGE_ERRNOS:
             raise
         print(f"{prog}: error: {err.strerror} (errno {err.errno}) writing '{err.filename or '?'}'; free space or "
               "fix the folder's permissions, then run again (a training run continues from its last checkpoint "
@@ -70,5 +70,5 @@ def run_command(prog: str, fn: Callable[[], int | None]) -> int:
         return 2
 
 
-__all__ = ["run_command", "AtscaleError", "ConfigError", "DatasetError", "CheckpointError", "ModelError", "RunEnvironmentError",
+__all__ = ["run_command", "STORAGE_ERRNOS", "AtscaleError", "ConfigError", "DatasetError", "CheckpointError", "ModelError", "RunEnvironmentError",
            "TrainingDiverged"]

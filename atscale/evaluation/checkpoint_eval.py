@@ -28,6 +28,7 @@ from atscale.evaluation.suites import Suite, get_suite
 from atscale.models import NormalizedModel
 from atscale.models.export import export_timm
 from atscale.reporting.report import suite_table
+from atscale.run_folder import RunFolder
 from atscale.runtime import resolve_amp, set_backend_flags
 
 EVAL_SECTIONS = ("eval", "data", "run", "log", "perf")
@@ -83,8 +84,8 @@ def _evaluate(path, model, cfg: Config, meta: dict, device, suite: Suite | None,
     set_backend_flags(cfg.perf, device)
     amp, seed = resolve_amp(cfg.run.amp, device), cfg.run.seed if ev.seed < 0 else ev.seed
     progress = cfg.log.progress and dist.rank() == 0
-    out_dir = Path(ev.out) if ev.out else Path(path).resolve().parent.parent / "eval" / (suite.name if suite else
-                                                                                          "shift")
+    run_dir = RunFolder(Path(path).resolve().parent.parent)  # <run>/checkpoints/<file>
+    out_dir = Path(ev.out) if ev.out else run_dir.eval_dir(suite.name if suite else "shift")
     domain = ev.bn_domain or cfg.model.eval_domain or (cfg.model.bn_domains[0] if cfg.model.bn_domains else None)
     doc: dict = {"checkpoint_info": {"checkpoint": str(path), "arch": cfg.model.arch, "bn_domain": domain,
                                      "data": str(cfg.data.root), "dataset": dataset_name(meta),

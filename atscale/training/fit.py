@@ -226,7 +226,7 @@ def finish(run: Run, log: RunLog | None, summary: dict, t_start: float) -> dict[
     print(results_table(doc["results"]), file=sys.stderr)
     export_dir = None
     if cfg.run.export:
-        export_dir = export_timm(run.eval_model, cfg.run_dir / "export", mean=cfg.model.mean, std=cfg.model.std,
+        export_dir = export_timm(run.eval_model, RunFolder(cfg.run_dir).export, mean=cfg.model.mean, std=cfg.model.std,
                                  input_size=cfg.data.val_size, crop_pct=cfg.data.val_crop_ratio,
                                  label_names=run.meta.get("classes"),
                                  extra={"eval": doc["results"], "config": cfg.to_dict()})

@@ -31,6 +31,7 @@ from atscale.errors import CheckpointError, ConfigError
 from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.layers.sync_bn import convert_sync_bn
 from atscale.models import build_from_config
+from atscale.run_folder import RunFolder
 from atscale.runtime import compile_model, resolve_amp, set_backend_flags
 from atscale.training.controls import EarlyStopping, WeightEMA, phase_at
 from atscale.training.guards import refuse_nonfinite_state
@@ -79,7 +80,7 @@ class Run:
         self.ema = WeightEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.stopper = EarlyStopping(cfg.eval.early_stop_patience)
         compile_model(self.model, cfg.perf.compile)  # after the EMA copy: the average stays an eager module
-        self.ckpts = CheckpointDir(cfg.run_dir / "checkpoints", cfg.run.keep_last)
+        self.ckpts = CheckpointDir(RunFolder(cfg.run_dir).checkpoints, cfg.run.keep_last)
 
     # ------------------------------------------------------------------------------------------- parts
 
@@ -237,7 +238,7 @@ def find_resume(cfg: Config, device: torch.device) -> Resume | None:
     newest readable checkpoint of the run (``last.pt`` or a newer ``step_*.pt``; an unreadable one is skipped with a
     warning) and says loudly when there is none; a resume whose checkpoint was written under other training keys is
     refused naming them, unless ``run.config_change=allow``."""
-    ckpts = CheckpointDir(cfg.run_dir / "checkpoints", cfg.run.keep_last)
+    ckpts = CheckpointDir(RunFolder(cfg.run_dir).checkpoints, cfg.run.keep_last)
     candidates, main = ckpts.resolve(cfg.run.resume), dist.rank() == 0
     if not candidates:
         if cfg.run.resume == "auto" and main:
@@ -322,7 +323,7 @@ def build(cfg: Config, device: torch.device) -> Run:
     main = dist.rank() == 0
     if main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_dir / "config.yaml")
+        save_config(cfg, RunFolder(cfg.run_dir).config)
     meta = _dataset(cfg, main)
     model = _model(cfg, meta, device)
     val_loader = make_loader(cfg.data.root, "val", cfg.data, device, cfg.run.seed, train=False,
