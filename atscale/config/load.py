@@ -11,7 +11,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 
 import yaml
 
-from atscale.config.schema import SPLIT_BN_OBJECTIVES, Config, DataCfg
+from atscale.config.schema import MIXUP_OBJECTIVES, PHASE_KEYS, SPLIT_BN_OBJECTIVES, Config, DataCfg
 from atscale.config.twins import make_twin
 from atscale.errors import ConfigError
 from atscale.fsio import atomic_write_bytes
@@ -220,12 +220,16 @@ def _check_model(cfg: Config) -> None:
 def _check_phases(cfg: Config) -> None:
     last = 0
     for i, ph in enumerate(cfg.data.phases):
-        bad = set(ph) - {"until_epoch", "image_size", "batch_size"}
+        bad = set(ph) - set(PHASE_KEYS)
         if bad or not isinstance(ph.get("until_epoch"), int) or ph["until_epoch"] <= last or any(
-                not isinstance(ph.get(k, 1), int) or ph.get(k, 1) < 1 for k in ("image_size", "batch_size")):
+                not isinstance(ph.get(k, 1), int) or ph.get(k, 1) < 1
+                for k in ("image_size", "batch_size", "attack_iters")) or any(
+                not isinstance(ph.get(k, 1), (int, float)) or ph.get(k, 1) < 0 for k in ("attack_eps", "attack_step")) \
+                or not 0 <= ph.get("token_drop", 0) < 1:
             raise ConfigError(f"data.phases[{i}] = {ph} is invalid: each phase is {{until_epoch: int (increasing), "
-                              "image_size: int, batch_size: int}}, e.g. [{until_epoch: 6, image_size: 128}, "
-                              "{until_epoch: 15, image_size: 224}]")
+                              "image_size: int, batch_size: int, attack_iters: int, attack_eps / attack_step: 0..255 "
+                              "units, token_drop: [0, 1)} (every key but until_epoch optional), e.g. "
+                              "[{until_epoch: 6, image_size: 128, attack_iters: 2}, {until_epoch: 15, image_size: 224}]")
         last = ph["until_epoch"]
     if cfg.data.phases and last < cfg.schedule.epochs:
         raise ConfigError(f"data.phases end at epoch {last} but schedule.epochs = {cfg.schedule.epochs}; the last "
@@ -255,6 +259,17 @@ _CONFLICTS: list[tuple[Any, str]] = [
     (lambda c: c.optim.name == "sgd" and c.optim.nesterov and c.optim.momentum <= 0,
      "optim.nesterov needs momentum, but optim.momentum = {c.optim.momentum}; set optim.nesterov=false for plain SGD, "
      "or a momentum > 0 (e.g. 0.9)"),
+    (lambda c: c.data.mixup.on and c.objective.name not in MIXUP_OBJECTIVES,
+     "data.mixup with objective.name = {c.objective.name!r}: mixed soft targets are defined for the cross-entropy "
+     "objectives (" + ", ".join(MIXUP_OBJECTIVES) + "); turn data.mixup off or pick one of those"),
+    (lambda c: c.data.mixup.on and c.attack.targeted and c.attack.mixup_labels == "soft",
+     "a targeted attack draws its target from a hard label, but attack.mixup_labels = 'soft'; set "
+     "attack.mixup_labels=hard or attack.targeted=false (the ARES recipe attacks the soft targets untargeted)"),
+    (lambda c: c.data.randaugment_ops > 0 and c.data.autoaugment != "none",
+     "data.randaugment_ops and data.autoaugment are two augmentation policies; keep one of them"),
+    (lambda c: c.eval.image_list and c.eval.preprocess == "ffcv",
+     "eval.image_list names val JPEG files, which the ffcv pre-processing does not read; set eval.preprocess "
+     "(e.g. BicubicRes256Crop224, RobustBench's ImageNet pre-processing) or drop eval.image_list"),
     (lambda c: c.dist.engine == "deepspeed" and c.run.amp in ("bf16", "fp16") and c.run.device == "cpu",
      "dist.engine=deepspeed with run.amp={c.run.amp} needs a GPU; on CPU use run.amp=off (or auto)"),
 ]

@@ -15,6 +15,30 @@ import yaml
 SPLIT_BN_OBJECTIVES: dict[str, tuple[str, ...]] = {"mbn": ("clean", "adv"), "advprop": ("clean", "adv"),
                                                    "advprop_fg": ("clean", "aug", "adv")}
 
+# the objectives whose losses are cross-entropies, so they take Mixup / CutMix soft targets
+MIXUP_OBJECTIVES = ("madry", "clean", "mixed", "ratio", "alp", "mbn", "advprop")
+
+
+@dataclass
+class MixupCfg:
+    """Mixup / CutMix on training batches (timm.data.Mixup; Zhang et al. 2018, Yun et al. 2019), as the modern robust
+    ImageNet recipes use (Liu et al. 2023). Off while both alphas are 0. The loss takes the mixed soft targets (with
+    objective.label_smoothing); which labels the attack uses is ``attack.mixup_labels``."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0  # probability of mixing a batch (or element / pair, by mode)
+    switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both alphas are > 0
+    mode: Literal["batch", "pair", "elem"] = "batch"
+
+    @property
+    def on(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+# the keys one data.phases entry may set (AdvXL-style two-stage training, Wang et al. 2024; "fast" progressive resizing)
+PHASE_KEYS = ("until_epoch", "image_size", "batch_size", "attack_iters", "attack_eps", "attack_step", "token_drop")
+
 
 @dataclass
 class DataCfg:
@@ -35,8 +59,14 @@ class DataCfg:
     num_workers: int = 2
     batches_ahead: int = 3  # FFCV decodes this many batches ahead in the background while the GPU computes
     autoaugment: Literal["none", "imagenet", "cifar10", "svhn"] = "none"  # policy on training batches (EfficientNet)
-    # progressive resizing ("fast" training, Wong et al. 2020): [{until_epoch: 6, image_size: 128, batch_size: 256}, ...]
-    # each phase holds until its until_epoch (exclusive); image_size / batch_size default to the values above
+    randaugment_ops: int = 0  # RandAugment on the device batch (Cubuk et al. 2020): ops per image, 0 = off
+    randaugment_magnitude: int = 9  # RandAugment magnitude (0..30; the ConvNeXt / Swin recipes use 9)
+    mixup: MixupCfg = field(default_factory=MixupCfg)
+    # training phases: progressive resizing ("fast" training, Wong et al. 2020) or AdvXL's coarse-to-fine stages
+    # (Wang et al. 2024): [{until_epoch: 6, image_size: 128, batch_size: 256, attack_iters: 2}, ...]. Each phase holds
+    # until its until_epoch (exclusive); unset keys take the run's values: image_size / batch_size (above),
+    # attack_iters / attack_eps / attack_step (attack.*, 0..255 units), token_drop (ViTs: the fraction of patch tokens
+    # dropped at random in the optimizer's passes, timm's patch_drop_rate; 0 = all tokens)
     phases: list[dict[str, Any]] = field(default_factory=list)
     max_resolution: int = 0  # when building: longest side cap, 0 = keep
     jpeg_quality: int = 90  # when building imagefolder / cifar10
@@ -70,7 +100,7 @@ class ModelCfg:
 class AttackCfg:
     """Training attack. Budgets are in 0..255 pixel units (Feature Denoising, Sec 4.5: eps 16, step 1, 30 iters)."""
 
-    name: Literal["pgd", "fgsm", "none"] = "pgd"
+    name: Literal["pgd", "apgd", "fgsm", "none"] = "pgd"  # apgd: APGD-CE steps (Singh et al. 2023 train with 2)
     eps: float = 16.0
     step: float = 1.0
     iters: int = 30
@@ -78,7 +108,16 @@ class AttackCfg:
     clean_start_prob: float = 0.2  # per-example probability of starting from the clean image instead of uniform noise
     start_mode: Literal["per_example", "per_batch"] = "per_example"
     target_mode: Literal["random", "least_likely"] = "random"  # targeted: uniform wrong class or the clean argmin
-    warmup_epochs: float = 0.0  # eps and step grow linearly from 0 over these first epochs
+    warmup_epochs: float = 0.0  # the budget grows linearly from 0 over these first epochs
+    # what warmup_epochs ramps: eps and step together (Kannan et al.; "fast" training) or the step alone with eps
+    # fixed (ARES 2.0 robust_training, Liu et al. 2023: step ramped over the first 5 epochs)
+    warmup: Literal["eps_and_step", "step"] = "eps_and_step"
+    # dropout / drop-path / patch dropout in the attack's passes: off (False: the deterministic network, like BN's
+    # running statistics) or drawn as in the optimizer's passes (True); evaluation attacks always see them off
+    stochastic_layers: bool = False
+    # with data.mixup: the labels the attack maximizes the loss of: the mixed soft targets (soft, as ARES) or each
+    # image's dominant label (hard: argmax of the soft target); targeted attacks draw targets from the hard label
+    mixup_labels: Literal["soft", "hard"] = "soft"
 
 
 @dataclass
@@ -111,7 +150,7 @@ class OptimCfg:
     ``decay_norm_and_bias``; ``layer_decay`` < 1 scales each layer's lr by layer_decay^(depth from the head)
     (fine-tuning, timm's layer groups); ``clip_grad_norm`` > 0 clips the global gradient norm before each step."""
 
-    name: Literal["sgd", "rmsprop_tf", "adamw"] = "sgd"
+    name: Literal["sgd", "rmsprop_tf", "adamw", "lamb"] = "sgd"
     lr: float = 0.1
     ref_batch: int = 256
     momentum: float = 0.9
@@ -121,8 +160,8 @@ class OptimCfg:
     rmsprop_decay: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
     rmsprop_eps: float = 1e-3  # rmsprop_tf: epsilon inside the square root, as TensorFlow's
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; eval and export use it
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    adam_eps: float = 1e-8  # adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
+    adam_eps: float = 1e-8  # adamw, lamb
     layer_decay: float = 1.0  # < 1: layer-wise lr decay (e.g. 0.65-0.8 when fine-tuning a ViT / ConvNeXt)
     clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm (fp16: of the unscaled gradients)
 
@@ -183,6 +222,11 @@ class EvalCfg:
     bn_domain: str = ""  # Mixture BN models: the BN domain evaluated ("" = model.eval_domain)
     weights: Literal["auto", "raw", "ema"] = "auto"  # auto = the EMA weights when the run kept them
     out: str = ""  # atscale eval's output folder ("" = <run>/eval/<suite>)
+    # RobustBench-exact pre-processing (Croce et al. 2021): "ffcv" = the run's val .beton (center crop by
+    # data.val_crop_ratio); the others decode the val JPEGs of ``jpeg_root`` with PIL + torchvision as RobustBench does
+    preprocess: Literal["ffcv", "Res256Crop224", "BicubicRes256Crop224", "Crop288", "Res224", "none"] = "ffcv"
+    jpeg_root: str = ""  # ImageFolder of val JPEGs for a non-ffcv preprocess ("" = data.src's val folder)
+    image_list: str = ""  # RobustBench's ImageNet subset file (5000 "class_folder/file.JPEG" lines), "" = all
     shift: ShiftCfg = field(default_factory=ShiftCfg)
 
 
