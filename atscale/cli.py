@@ -1,7 +1,8 @@
-"""``atscale`` command line: data | train | eval | export. Thin: each subcommand parses its arguments without torch
-(:mod:`atscale.cli_args`), then calls one library entry (:mod:`atscale.train`, :mod:`atscale.evaluate`,
-:mod:`atscale.data`), so ``--help`` and bad arguments answer at once. Every :class:`atscale.errors.AtscaleError`, bad
-arguments included, ends as one line on stderr and exit status 2. Top layer: nothing imports it."""
+"""``atscale`` command line: data | train | eval | export | plan. Thin: each subcommand parses its arguments without
+torch (:mod:`atscale.cli_args`), then calls one library entry (:mod:`atscale.train`, :mod:`atscale.evaluate`,
+:mod:`atscale.data`, :mod:`atscale.plan`), so ``--help`` and bad arguments answer at once. Every
+:class:`atscale.errors.AtscaleError`, bad arguments included, ends as one line on stderr and exit status 2. Top layer:
+nothing imports it."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,10 @@ import json
 import sys
 from typing import Sequence
 
-from atscale.cli_args import ArgumentParser, parse_eval, parse_export, parse_train
+from atscale.cli_args import ArgumentParser, parse_eval, parse_export, parse_plan, parse_train
 from atscale.errors import run_command
 
-COMMANDS = ("data", "train", "eval", "export")
+COMMANDS = ("data", "train", "eval", "export", "plan")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("export", help="export a checkpoint to a folder that timm.create_model('local-dir:...') loads",
                    add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("plan", help="time and cost of a preset: counted FLOPs per image, images/s per GPU kind, "
+                                "GPU-hours and wall time on N GPUs, the paper's published cost",
+                   add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -89,13 +93,21 @@ def _export(argv: Sequence[str]) -> int:
     args = parse_export(argv)
     from atscale.evaluate import export_checkpoint
 
-    print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain))
+    print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain, eval_json=args.eval_json))
     return 0
 
 
+def _plan(argv: Sequence[str]) -> int:
+    a = parse_plan(argv)
+    from atscale.plan import run_plan  # imports torch only to count
+
+    return run_plan(a.config, a.overrides, a.gpus, a.kinds, a.mfu, a.images, a.measure, a.measure_batch,
+                    a.measure_steps, a.json)
+
+
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in ("train", "eval", "export"):  # argparse's REMAINDER drops leading options
-        return {"train": _train, "eval": _eval, "export": _export}[argv[0]](argv[1:])
+    if argv and argv[0] in ("train", "eval", "export", "plan"):  # argparse's REMAINDER drops leading options
+        return {"train": _train, "eval": _eval, "export": _export, "plan": _plan}[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     if args.source == "imagenet":
         args.source = "imagefolder"

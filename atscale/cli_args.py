@@ -1,4 +1,5 @@
-"""The command lines of ``atscale train``, ``atscale eval`` and ``atscale export``, parsed without torch or timm.
+"""The command lines of ``atscale train``, ``atscale eval``, ``atscale export`` and ``atscale plan``, parsed without
+torch or timm.
 
 ``atscale --help``, each command's ``--help`` and every bad argument answer at once; the commands import their heavy
 entries (:mod:`atscale.train`, :mod:`atscale.evaluate`) only after their arguments parsed. A bad argument is a
@@ -20,7 +21,8 @@ _ALIASES = {"suite": "eval.suite", "eps": "eval.eps", "step": "eval.step", "targ
             "shift_root": "eval.shift.roots", "shift_layout": "eval.shift.layouts",
             "mce_baseline": "eval.shift.mce_baseline", "shift_cache": "eval.shift.cache",
             "shift_max_images": "eval.shift.max_images", "shift_crop_ratio": "eval.shift.crop_ratio",
-            "shift_write_mode": "eval.shift.write_mode"}
+            "shift_write_mode": "eval.shift.write_mode", "preprocess": "eval.preprocess",
+            "jpeg_root": "eval.jpeg_root", "image_list": "eval.image_list"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -90,6 +92,13 @@ def add_eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--shift-crop-ratio", type=float, help="center-crop ratio (default: 1.0 for imagenet-c, else the "
                                                            "run's data.val_crop_ratio)")
     e.add_argument("--shift-write-mode", choices=["jpg", "raw", "smart"])
+    e.add_argument("--preprocess", choices=["ffcv", "Res256Crop224", "BicubicRes256Crop224", "Crop288", "Res224",
+                                            "none"],
+                   help="ffcv (the run's val .beton) or RobustBench's pre-processing of the val JPEGs  "
+                        "[eval.preprocess]")
+    e.add_argument("--jpeg-root", help="ImageFolder of val JPEGs (default: <data.src>/val)  [eval.jpeg_root]")
+    e.add_argument("--image-list", help="RobustBench's ImageNet subset list, e.g. imagenet_test_image_ids.txt  "
+                                        "[eval.image_list]")
     e.add_argument("--no-progress", action="store_true", help="[log.progress=false]")
 
 
@@ -144,13 +153,70 @@ def parse_eval(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def parse_export(argv: Sequence[str]) -> argparse.Namespace:
-    """``atscale export``'s command line: ``checkpoint``, ``out``, ``bn_domain``."""
+    """``atscale export``'s command line: ``checkpoint``, ``out``, ``bn_domain``, ``eval_json``."""
     p = ArgumentParser(prog="atscale export", description="Export a checkpoint to a timm folder.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--bn-domain", default="", help="Mixture BN models: the BN domain kept as plain BN")
+    p.add_argument("--eval-json", default="", help="eval.json whose accuracies go into robustbench_model_info.json "
+                                                   "(default: the newest atscale eval of this checkpoint)")
     return p.parse_args(list(argv))
 
 
+@dataclass
+class PlanArgs:
+    """``atscale plan``'s command line (:mod:`atscale.plan`)."""
+
+    config: str
+    overrides: list[str]
+    gpus: int
+    kinds: list[str]
+    mfu: float | None
+    images: int | None
+    measure: bool
+    measure_batch: int
+    measure_steps: int
+    json: bool
+
+
+def plan_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="atscale plan", description="Time and cost of a training preset: counted FLOPs per image "
+                       "(attack and update passes, per data.phases phase), images/s per GPU kind at an assumed MFU, "
+                       "GPU-hours and wall time on N GPUs (linear scaling), and the paper's published cost.")
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/imagenet/r152_iat.yaml)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the run uses (default 8); wall time = GPU-hours / N")
+    p.add_argument("--gpu-kind", action="append", default=[], help="a100 | h100 | h200 | v100 | l40s | ... "
+                   "(repeatable or comma list; default: every kind of atscale.plan.GPU_KINDS)")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilization assumed (default: the GPU result of "
+                   "benchmarks/mfu.py in benchmarks/results/ if any, else 0.35)")
+    p.add_argument("--images", type=int, help="training images per epoch (default: meta.json of data.root, else "
+                   "the source's train split, 1,281,167 for ImageNet-1k)")
+    p.add_argument("--measure", action="store_true", help="also time a few real training steps on this machine")
+    p.add_argument("--measure-batch", type=int, default=0, help="batch of --measure (0: per-GPU batch on CUDA, 2 on "
+                   "CPU)")
+    p.add_argument("--measure-steps", type=int, default=3, help="timed steps of --measure (after one untimed)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. attack.iters=10")
+    return p
+
+
+def parse_plan(argv: Sequence[str]) -> PlanArgs:
+    """``atscale plan``'s command line; counts and the MFU are range-checked here."""
+    a = plan_parser().parse_intermixed_args(list(argv))
+    checks = [(a.gpus >= 1, f"--gpus {a.gpus} is not a GPU count", "give --gpus 1 or more"),
+              (a.mfu is None or 0 < a.mfu <= 1, f"--mfu {a.mfu} is not a utilization",
+               "give a fraction in (0, 1], e.g. --mfu 0.35"),
+              (a.images is None or a.images >= 1, f"--images {a.images} is not a dataset size", "give 1 or more"),
+              (a.measure_batch >= 0 and a.measure_steps >= 1, "--measure-batch must be >= 0 and --measure-steps >= 1",
+               "e.g. --measure-batch 2 --measure-steps 3")]
+    for ok, problem, fix in checks:
+        if not ok:
+            raise ConfigError(problem, fix)
+    kinds = [k.strip().lower() for item in a.gpu_kind for k in item.split(",") if k.strip()]
+    return PlanArgs(a.config, list(a.overrides), a.gpus, kinds, a.mfu, a.images, a.measure, a.measure_batch,
+                    a.measure_steps, a.json)
+
+
 __all__ = ["ArgumentParser", "TrainArgs", "train_parser", "parse_train", "add_eval_arguments", "overrides_of",
-           "checkpoint_arg", "parse_eval", "parse_export"]
+           "checkpoint_arg", "parse_eval", "parse_export", "PlanArgs",
+           "plan_parser", "parse_plan"]

@@ -1,7 +1,9 @@
 """``atscale eval`` / ``python -m atscale.evaluate CKPT [--suite NAME] [key=value ...]`` (the torchrun entry point) and
 ``atscale export``. Each flag is an alias of an ``eval.*`` / ``data.*`` / ``run.*`` / ``log.*`` override of the
 checkpoint's config; the command line is parsed by :mod:`atscale.cli_args` (no torch needed for that), the work is
-:mod:`atscale.evaluation.checkpoint_eval`'s.
+:mod:`atscale.evaluation.checkpoint_eval`'s. ``eval.preprocess`` other than ``ffcv`` evaluates the val JPEGs with
+RobustBench's pre-processing (``eval.jpeg_root``, ``eval.image_list``); the export writes RobustBench's model info
+beside the weights (``robustbench_model_info.json``, :mod:`atscale.evaluation.model_info`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ def eval_cli(argv: Sequence[str]) -> int:
 
 def export_cli(argv: Sequence[str]) -> int:
     args = parse_export(argv)
-    print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain))
+    print(export_checkpoint(args.checkpoint, args.out, bn_domain=args.bn_domain,
+                            eval_json=args.eval_json))
     return 0
 
 

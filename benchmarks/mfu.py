@@ -21,8 +21,9 @@ published peak, so the best rate of two fp32 kernels in this process at its thre
 ``torch.mm`` and ten 3x3 convolutions through oneDNN (about twice the matmul's rate on this project's CPU machine),
 measured before and after the rows (the higher is kept). ``--peak-tflops`` overrides either.
 
-Why it matters: adversarial training multiplies the cost of a step by (2k+3)/3; the ResNet-152 PGD-30 model of the
-Feature Denoising work took 52 hours on 128 V100 GPUs (Xie thesis Sec 4.5).
+Why it matters: adversarial training multiplies the cost of a step by (2k+3)/3; the baseline ResNet-152 PGD-30 model of the
+Feature Denoising work took 52 hours on 128 V100 GPUs (Xie thesis Sec 4.5; its denoise model about 90, by the
+ImageNet-Adversarial-Training instructions).
 
     python benchmarks/mfu.py --save benchmarks/results/h100_mfu.json                     # defaults: 5 models x k=1,3,10
     python benchmarks/mfu.py --models resnet50 --attack-steps 1,3,10 --batch 256 --compile default

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = ("import json, sys\nfrom atscale.cli import main\nrc = main(json.loads(sys.argv[1]))\n"
          "print('@@probe ' + json.dumps({'rc': rc, 'heavy': sorted(m for m in ('torch', 'timm') if m in sys.modules)}))")
 HELP = [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"], ["data", "--help"],
-        ["data", "imagefolder", "--help"], ["data", "digits", "--help"]]
+        ["data", "imagefolder", "--help"], ["data", "digits", "--help"], ["plan", "--help"]]
 BAD = [(["train", "--bogus"], "atscale train: error: ", "unknown option"),
        (["train", "--config"], "atscale train: error: ", "--config"),
        (["train", "--twin", "cifar"], "atscale train: error: ", "invalid choice"),

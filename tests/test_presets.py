@@ -30,8 +30,26 @@ def test_there_is_a_preset_per_paper_protocol() -> None:
                    "r50_sat_silu", "r50_sat_smoothrelu", "r50_sat_relu_softgrad_both", "advprop_efficientnet_b0",
                    "advprop_efficientnet_b7", "advprop_fg_efficientnet_b0", "advprop_resnet50", "r152_alp",
                    "r152_ratio", "r152_iat_bn_consistent", "fast_r50_eps2", "fast_r50_eps4", "free_r50_eps2",
-                   "free_r50_eps4", "trades_r50_eps4", "trades_r50_eps8", "mart_r50_eps4", "mart_r50_eps8"):
+                   "free_r50_eps4", "trades_r50_eps4", "trades_r50_eps8", "mart_r50_eps4", "mart_r50_eps8",
+                   "liu2023_swin_b", "liu2023_swin_l", "liu2023_convnext_b", "liu2023_convnext_l",
+                   "singh2023_convnext_b_convstem", "singh2023_convnext_l_convstem", "debenedetti2022_xcit_s12",
+                   "debenedetti2022_xcit_m12", "debenedetti2022_xcit_l12", "advxl_vit_b", "advxl_vit_l",
+                   "finetune_convnext_b_imagefolder"):
         assert needed in names
+
+
+def _fine_tuning_source(cfg, tmp_path: Path) -> list[str]:
+    """A fine-tuning twin starts from its source preset's twin: export a freshly built one of that architecture and
+    point model.init_from at it, on the twin's own digits subset."""
+    from atscale.models import build_from_config
+    from atscale.models.export import export_timm
+
+    assert cfg.model.init_from.startswith("local-dir:runs/") and "_digits/" in cfg.model.init_from
+    assert cfg.data.digits_classes == [5, 6, 7, 8, 9]
+    src = build_from_config(cfg.model, 10)
+    export_timm(src, tmp_path / "source_export", mean=cfg.model.mean, std=cfg.model.std, input_size=32, crop_pct=1.0)
+    return [f"model.init_from=local-dir:{tmp_path / 'source_export'}", f"data.root={tmp_path / 'digits_5to9'}",
+            "data.source=digits"]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -41,11 +59,17 @@ def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digi
             "log.progress=false", "log.tensorboard=false", "eval.every_epochs=0", "log.every_steps=1",
             "eval.select_best=false", "eval.early_stop_patience=0"]
     cfg = load_config(preset, over, twin="digits")
+    if full.model.init_from:
+        cfg = load_config(preset, over + _fine_tuning_source(cfg, tmp_path), twin="digits")
     assert cfg.data.source == "digits" and cfg.data.image_size == 32
     for sec in ("attack", "objective", "optim"):
         assert getattr(cfg, sec) == getattr(full, sec), sec
     assert (cfg.model.bn_domains, cfg.model.eval_domain, cfg.data.autoaugment) == \
         (full.model.bn_domains, full.model.eval_domain, full.data.autoaugment)
+    assert (cfg.data.mixup, cfg.data.randaugment_ops) == (full.data.mixup, full.data.randaugment_ops)
+    keys = ("attack_iters", "attack_eps", "attack_step", "token_drop")
+    assert [{k: ph.get(k) for k in keys} for ph in cfg.data.phases] == \
+        [{k: ph.get(k) for k in keys} for ph in full.data.phases]
     assert cfg.schedule.name == full.schedule.name and cfg.schedule.epochs < full.schedule.epochs
     assert len(cfg.data.phases) == len(full.data.phases) and bool(cfg.schedule.bn_eval_last_epochs) == \
         bool(full.schedule.bn_eval_last_epochs)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from atscale.config.units import to_fraction
+from atscale.errors import ConfigError
 from atscale.attacks.adaptive import BPDA, EOT, Quantize
 from atscale.attacks.apgd import APGD, APGDT, apgd_checkpoints
 from atscale.attacks.base import Attack, AttackResult, NoAttack, SeededAttack, attack_mode
@@ -37,12 +38,26 @@ _TRANSFER = {"i-fgsm": (0.0, 0.0, 0), "mi-fgsm": (1.0, 0.0, 0), "di2-fgsm": (0.0
 
 def build_attack(attack_cfg, amp_dtype: torch.dtype | None = None, seed: int = 0):
     """The training attack of an ``AttackCfg`` (budgets in 0..255 pixel units, converted by
-    :func:`atscale.config.units.to_fraction`) as an attack object (budgets as fractions)."""
+    :func:`atscale.config.units.to_fraction`) as an attack object (budgets as fractions).
+
+    ``apgd``: APGD-CE (Croce & Hein 2020) with ``attack.iters`` steps at ``attack.eps``, as Singh et al. 2023 train
+    (2 steps, untargeted: ``attack.targeted=false``; from the clean image: ``attack.clean_start_prob=1``). Its step
+    size starts at 2 eps and adapts, so ``attack.step`` is unused and the step-only warmup (``attack.warmup=step``)
+    is refused; the eps warmup scales eps (and with it the initial step)."""
     eps, step = to_fraction(attack_cfg.eps), to_fraction(attack_cfg.step)
     if attack_cfg.name == "none" or eps == 0:
         return NoAttack()
     if attack_cfg.name == "fgsm":
         return fgsm_rs(eps, step, attack_cfg.targeted, amp_dtype, seed)
+    if attack_cfg.name == "apgd":
+        if attack_cfg.warmup == "step" and attack_cfg.warmup_epochs > 0:
+            raise ConfigError("attack.warmup = 'step' ramps the step size, but APGD (attack.name = 'apgd') has none "
+                              "to ramp: its step starts at 2 eps and adapts itself",
+                              "use attack.warmup=eps_and_step (eps and APGD's initial step grow together), or "
+                              "attack.name=pgd for the ARES step ramp")
+        return APGD(eps, attack_cfg.iters, loss="ce", targeted=attack_cfg.targeted,
+                    target_mode=getattr(attack_cfg, "target_mode", "random"), seed=seed, amp_dtype=amp_dtype,
+                    clean_start_prob=attack_cfg.clean_start_prob)
     return PGD(eps, step, attack_cfg.iters, attack_cfg.targeted, attack_cfg.clean_start_prob, attack_cfg.start_mode,
                amp_dtype, seed=seed, target_mode=getattr(attack_cfg, "target_mode", "random"))
 

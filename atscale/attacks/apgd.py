@@ -12,6 +12,14 @@ halved and the iterate restarted from the best point found so far when
 The best-loss point is tracked throughout; the returned point is the highest-loss successful iterate if any, else the
 highest-loss iterate. Restarts (random starts) run only on the examples not yet successful.
 
+As a training attack (Singh et al. 2023, "Revisiting Adversarial Training for ImageNet", Sec 3: 2-step APGD-CE at
+eps 4/255, untargeted, from the clean image): ``clean_start_prob`` = 1 starts every example at x0 = x (0 keeps the
+random start of the evaluation attack); the step size is not a parameter (eta0 = 2 eps, then halved at the checkpoints),
+so ``set_budget`` sets eps and keeps step = 2 eps. N iterations cost N forward-backward passes plus one forward at the
+last iterate (its loss picks the returned point; no gradient is taken there). With N = 1 there is no checkpoint; with
+N = 2 the one checkpoint is w_1 = 1. Soft labels (Mixup / CutMix targets, shape (N, K)) work with the CE loss; success
+is then judged against each example's dominant label.
+
 APGD-T (AutoAttack's "standard" version): targeted DLR loss towards the 2nd, 3rd, ... most likely classes, one target
 class per restart (default 9), success = misclassification (a robustness evaluation). ``targeted=True`` instead pushes
 to one target per example (``target_mode``) and counts success as being classified as that target.
@@ -35,7 +43,8 @@ LOSSES = ("ce", "dlr")
 
 
 def apgd_checkpoints(iters: int) -> list[int]:
-    """Iterations w_j = ceil(p_j * iters) at which APGD checks its two conditions (p_0 = 0 excluded)."""
+    """Iterations w_j = ceil(p_j * iters) at which APGD checks its two conditions (p_0 = 0 excluded; none at or past
+    the last iteration, so 1 iteration has none and 2 have w_1 = 1)."""
     p = [0.0, 0.22]
     while p[-1] < 1.0:
         p.append(round(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06), 10))
@@ -47,13 +56,14 @@ class APGD(SeededAttack):
     """APGD with cross-entropy (``loss="ce"``, APGD-CE) or DLR (``loss="dlr"``, APGD-DLR); Linf or L2.
 
     Untargeted: maximise CE(y) / DLR(y); success = misclassified. ``targeted=True``: maximise -CE(t) / the targeted
-    DLR towards t (``target_mode`` random or least_likely); success = classified as t."""
+    DLR towards t (``target_mode`` random or least_likely); success = classified as t. ``clean_start_prob``: the
+    per-example probability of starting at the clean image instead of a uniform point of the ball."""
 
     name = "apgd-ce"
 
     def __init__(self, eps: float, iters: int = 100, *, norm: str = "linf", loss: str = "ce", restarts: int = 1,
                  targeted: bool = False, target_mode: str = "random", rho: float = 0.75, momentum: float = 0.75,
-                 seed: int = 0, amp_dtype: torch.dtype | None = None):
+                 seed: int = 0, amp_dtype: torch.dtype | None = None, clean_start_prob: float = 0.0):
         check_norm(norm)
         if loss not in LOSSES:
             raise ValueError(f"APGD loss must be one of {LOSSES}; got {loss!r}")
@@ -66,9 +76,18 @@ class APGD(SeededAttack):
         self.target_mode = check_target_mode(target_mode)
         self.rho, self.momentum = rho, momentum
         self.amp_dtype = amp_dtype
-        self.checkpoints = apgd_checkpoints(iters)
+        self.clean_start_prob = clean_start_prob
         self.last_eta: torch.Tensor | None = None
         self._init_rng(seed)
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """The step-size checkpoints of the current ``iters`` (training phases may change it between calls)."""
+        return apgd_checkpoints(self.iters)
+
+    def set_budget(self, eps: float, step: float) -> None:
+        """eps of the next calls (training's eps warmup and phases); ``step`` is ignored: APGD's starts at 2 eps."""
+        self.eps, self.step = eps, 2 * eps
 
     # --- objectives -------------------------------------------------------------------------------------------------
     def _objective(self, y: torch.Tensor, t: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -80,7 +99,10 @@ class APGD(SeededAttack):
         return lambda z: targeted_dlr_loss(z, y, t, hit_target=True)
 
     def _succeeded(self, y: torch.Tensor, t: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        return (lambda z: z.argmax(1) != y) if t is None else (lambda z: z.argmax(1) == t)
+        if t is not None:
+            return lambda z: z.argmax(1) == t
+        hard = y.argmax(1) if y.dim() == 2 else y  # soft (Mixup) targets: the dominant label
+        return lambda z: z.argmax(1) != hard
 
     # --- attack -----------------------------------------------------------------------------------------------------
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -109,7 +131,8 @@ class APGD(SeededAttack):
             if todo.numel() == 0:
                 break
             tt = None if t is None else t[todo]
-            xa, s, lo = self._run(model, x[todo], y[todo], g, objective(y[todo], tt), succeeded(y[todo], tt))
+            xs, ys = (x, y) if todo.numel() == x.shape[0] else (x[todo], y[todo])
+            xa, s, lo = self._run(model, xs, ys, g, objective(ys, tt), succeeded(ys, tt))
             take = s | (lo > best[todo])
             idx = todo[take]
             x_adv[idx], success[idx], best[idx] = xa[take], s[take], lo[take]
@@ -129,7 +152,11 @@ class APGD(SeededAttack):
         """One APGD run (Algorithm 1) from a random start: (returned point, success, its loss)."""
         n, norm, eps = x.shape[0], self.norm, self.eps
         view = (-1,) + (1,) * (x.dim() - 1)
-        x_cur = project(x + random_in_ball(x, eps, norm, g), x, eps, norm)
+        noise = random_in_ball(x, eps, norm, g)
+        if self.clean_start_prob > 0:
+            clean = torch.rand(n, generator=g, device=x.device) < self.clean_start_prob
+            noise = torch.where(clean.view(view), torch.zeros_like(noise), noise)
+        x_cur = project(x + noise, x, eps, norm)
         loss, grad, logits = self._loss_grad(model, x_cur, objective, self.iters > 0)
         found = succeeded(logits)
         x_found, found_loss = x_cur.clone(), torch.where(found, loss, torch.full_like(loss, float("-inf")))

@@ -3,7 +3,9 @@
 During an attack (Feature Denoising, Sec 4.5; DESIGN "Units and invariants"): BN layers use running statistics and
 never update them (eval mode), and parameters do not require grad, so backward computes the input gradient only
 (2 forward-equivalents per PGD step instead of 3) and no parameter ``.grad`` is touched. Layers that behave
-differently for the attacker (``atscale.layers.context``) see ``in_attack()`` as True.
+differently for the attacker (``atscale.layers.context``) see ``in_attack()`` as True. Dropout-like layers are off
+unless a run asks for them in its training attack (``attack.stochastic_layers``; ``attack_mode`` lists every layer
+kind).
 
 ``SeededAttack`` is the shared state of every attack object in this package: budgets as fractions of the [0, 1] pixel
 range, one seeded ``torch.Generator`` per attack (all randomness: starts, targets, transformations, square positions)
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from atscale.attacks.losses import draw_targets
-from atscale.layers.context import attack_pass
+from atscale.layers.context import attack_pass, stochastic_attack
 
 
 class Attack(Protocol):
@@ -33,12 +35,51 @@ class AttackResult:
     success: torch.Tensor | None  # per example: fooled (untargeted) / hit the target (targeted), when tracked
 
 
+def _stochastic_layer_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    from timm.layers import DropBlock2d, DropPath, PatchDropout
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    return (nn.modules.dropout._DropoutNd, DropPath, PatchDropout, DropBlock2d), (ResNet, EfficientNet)
+
+
+def _draws_in_training(m: nn.Module, types: tuple[tuple[type, ...], tuple[type, ...]]) -> bool:
+    """A module whose own ``training`` flag only switches random draws: dropout-like layers; attention modules whose
+    fused kernel reads their flag for the attention dropout (timm: ``dropout_p = attn_drop.p if self.training else
+    0``); timm ResNet / EfficientNet, whose head dropout is ``F.dropout(x, drop_rate, training=self.training)`` (their
+    own flag switches nothing else; their BNs are separate modules and stay in eval mode)."""
+    layers, head_dropout_nets = types
+    return (isinstance(m, layers) or isinstance(getattr(m, "attn_drop", None), nn.modules.dropout._DropoutNd)
+            or isinstance(getattr(m, "attn_drop_p", None), float)
+            or (isinstance(m, head_dropout_nets) and float(getattr(m, "drop_rate", 0.0)) > 0))
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and frozen parameters for the duration of an attack; both restored exactly afterwards."""
+    """What every layer kind does in the attacker's passes (Feature Denoising Sec 4.5; Singh et al. 2023 Sec 3), all
+    restored exactly on exit:
+
+    - parameters: ``requires_grad`` False (input gradients only, no ``.grad`` touched), the flags restored on exit;
+      LayerScale / ``gamma`` (ConvNeXt, DeiT-III, XCiT's eta) is one more frozen parameter multiply;
+    - BatchNorm (incl. Mixture BN, timm ``BatchNormAct2d``): eval mode, normalizes with the running statistics and
+      never updates them (``num_batches_tracked`` too);
+    - LayerNorm / GroupNorm / RMSNorm: no statistics to keep; the same function as in the optimizer's passes;
+    - Dropout (any ``_DropoutNd``, attention dropout, timm ResNet / EfficientNet head dropout), timm ``DropPath``,
+      ``PatchDropout``, ``DropBlock2d``: off (the deterministic network, eval mode) by default; with
+      ``attack.stochastic_layers`` (``atscale.layers.context.set_stochastic_attack(True)``) those that were in
+      training mode on entry draw as in training, from torch's global RNG (the attack's own generator is untouched),
+      while BN stays in eval mode. Evaluation attacks (inside ``context.evaluation()``) and models entered in eval
+      mode always see them off;
+    - every other module: eval mode; the ``training`` flags of all modules are restored on exit.
+    """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
+    if stochastic_attack():
+        types = _stochastic_layer_types()
+        for m, was_training in modes:
+            if was_training and _draws_in_training(m, types):
+                m.training = True
     for p, _ in flags:
         p.requires_grad_(False)
     try:

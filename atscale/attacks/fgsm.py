@@ -1,5 +1,7 @@
 """FGSM with random start ("Fast is better than free", Wong et al. 2020): one signed-gradient step of size
-alpha = 1.25 eps from a uniform start in the eps-ball, then projection. It is PGD with one iteration and no clean starts.
+alpha = 1.25 eps from a uniform start in the eps-ball, then projection. It is PGD with one iteration and no clean starts,
+so it takes the same labels: [B] class indices, or [B, C] Mixup / CutMix soft targets when untargeted (the loss is the
+cross-entropy against them; ``atscale.attacks.pgd``).
 """
 from __future__ import annotations
 

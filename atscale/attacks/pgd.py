@@ -11,6 +11,9 @@ Budgets here are fractions of the [0, 1] pixel range; configs give 0..255 units 
 - ``keep_best``: return each example's first iterate of the highest level reached (correct < misclassified < target).
 - ``restarts=R``: R runs from fresh random starts with the same targets; later runs attack only the examples not yet
   successful; each example keeps the first successful run, else the run with the highest loss at its returned point.
+- Soft labels: ``y`` may be [B, C] float soft targets (Mixup / CutMix training with ``attack.mixup_labels=soft``,
+  ARES 2.0 robust_training, Liu et al. 2023); the untargeted attack then ascends the cross-entropy against them.
+  Everything defined by a class index (targets, ``keep_best`` levels, restart success) needs [B] class indices.
 """
 from __future__ import annotations
 
@@ -59,6 +62,15 @@ class PGD(SeededAttack):
         noise = torch.where(clean.view(-1, 1, 1, 1), torch.zeros_like(noise), noise)
         return (x + noise).clamp_(0, 1)
 
+    def _check_soft(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        uses = [name for name, on in (("targeted", self.targeted), ("keep_best", self.keep_best),
+                                      ("restarts > 1", self.restarts > 1)) if on]
+        if uses:
+            raise ValueError(f"PGD got soft labels (float {tuple(y.shape)}), but {', '.join(uses)} needs class "
+                             "indices; pass the hard labels (soft.argmax(1); attack.mixup_labels=hard in training)")
+        if y.ndim != 2 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"PGD soft labels must be [B, C] for a batch of {x.shape[0]}; got {tuple(y.shape)}")
+
     @staticmethod
     def _level(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """2 = classified as the target, 1 = misclassified, 0 = correct. Evaluation keeps each example's first iterate
@@ -78,8 +90,11 @@ class PGD(SeededAttack):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None = None) -> AttackResult:
-        """``target`` (optional, targeted only) overrides the target choice."""
+        """``target`` (optional, targeted only) overrides the target choice; ``y``: [B] class indices, or [B, C] soft
+        targets for the plain untargeted attack (see the module docstring)."""
         x = x.detach()
+        if y.is_floating_point():
+            self._check_soft(x, y)
         g = self.generator(x.device)
         with attack_mode(model), torch.enable_grad():
             if self.targeted and target is None and self.target_mode == "least_likely":

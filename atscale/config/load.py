@@ -27,6 +27,12 @@ _CHECKS: dict[str, Any] = {
     "data.rrc_scale": lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
     "data.jpeg_quality": lambda v: 1 <= v <= 100,
     "data.digits_val_fraction": lambda v: 0 < v < 1,
+    "data.mixup.mixup_alpha": lambda v: v >= 0,
+    "data.mixup.cutmix_alpha": lambda v: v >= 0,
+    "data.mixup.prob": lambda v: 0 <= v <= 1,
+    "data.mixup.switch_prob": lambda v: 0 <= v <= 1,
+    "data.randaugment_ops": lambda v: v >= 0,
+    "data.randaugment_magnitude": lambda v: 0 <= v <= 30,
     "attack.eps": lambda v: 0 <= v <= 255,
     "attack.step": lambda v: v > 0,
     "attack.iters": lambda v: v >= 1,
@@ -262,9 +268,20 @@ _CONFLICTS: list[tuple[Any, str]] = [
     (lambda c: c.data.mixup.on and c.objective.name not in MIXUP_OBJECTIVES,
      "data.mixup with objective.name = {c.objective.name!r}: mixed soft targets are defined for the cross-entropy "
      "objectives (" + ", ".join(MIXUP_OBJECTIVES) + "); turn data.mixup off or pick one of those"),
+    (lambda c: c.data.mixup.on and (c.data.batch_size % 2 or any(ph.get("batch_size", 2) % 2
+                                                                  for ph in c.data.phases)),
+     "data.mixup pairs image i with image B-1-i of a batch, so it needs even batch sizes (data.batch_size = "
+     "{c.data.batch_size}); use an even data.batch_size (and phase batch_size)"),
     (lambda c: c.data.mixup.on and c.attack.targeted and c.attack.mixup_labels == "soft",
      "a targeted attack draws its target from a hard label, but attack.mixup_labels = 'soft'; set "
      "attack.mixup_labels=hard or attack.targeted=false (the ARES recipe attacks the soft targets untargeted)"),
+    (lambda c: c.attack.name == "apgd" and (c.attack.warmup == "step" and c.attack.warmup_epochs > 0
+                                            or any("attack_step" in ph for ph in c.data.phases)),
+     "attack.name = 'apgd' adapts its own step (2 eps at first), so attack.warmup=step and phase attack_step have "
+     "nothing to set; use attack.warmup=eps_and_step (or no warmup) and drop attack_step from data.phases"),
+    (lambda c: c.attack.name == "apgd" and c.objective.name in ("trades", "free"),
+     "objective.name = {c.objective.name!r} runs its own inner maximisation from attack.eps / attack.step, not the "
+     "attack object, so attack.name = 'apgd' would not apply; use attack.name=pgd"),
     (lambda c: c.data.randaugment_ops > 0 and c.data.autoaugment != "none",
      "data.randaugment_ops and data.autoaugment are two augmentation policies; keep one of them"),
     (lambda c: c.eval.image_list and c.eval.preprocess == "ffcv",

@@ -72,6 +72,7 @@ class DataCfg:
     jpeg_quality: int = 90  # when building imagefolder / cifar10
     digits_size: int = 32  # when building digits: upsampled side
     digits_val_fraction: float = 0.2
+    digits_classes: list[int] = field(default_factory=list)  # when building digits: a subset (relabelled), [] = all
 
 
 @dataclass
@@ -100,7 +101,9 @@ class ModelCfg:
 class AttackCfg:
     """Training attack. Budgets are in 0..255 pixel units (Feature Denoising, Sec 4.5: eps 16, step 1, 30 iters)."""
 
-    name: Literal["pgd", "apgd", "fgsm", "none"] = "pgd"  # apgd: APGD-CE steps (Singh et al. 2023 train with 2)
+    # apgd: APGD-CE (Croce & Hein 2020) with iters steps (Singh et al. 2023 train with 2); its step starts at 2 eps
+    # and adapts, so attack.step is unused; targeted / target_mode / clean_start_prob apply as for pgd
+    name: Literal["pgd", "apgd", "fgsm", "none"] = "pgd"
     eps: float = 16.0
     step: float = 1.0
     iters: int = 30

@@ -2,13 +2,17 @@
 
 A twin keeps everything that defines a protocol: the objective, the training attack (norm, eps, step, iterations,
 targets, starts), the architecture family and its paper elements (activation, denoising blocks, BN domains, BN
-momentum), the optimizer, the shape of the learning-rate schedule, AutoAugment and the evaluation attack. It scales the
-rest to the embedded digits data (32 px, scikit-learn's digits, no download) and a network narrow enough to train on a
-laptop CPU in minutes: ``atscale train --config configs/imagenet/r152_iat.yaml --twin digits``.
+momentum; for ConvNeXt / Swin / ViT / XCiT the ConvStem, LayerScale, drop path, dropout, patch dropout and token
+settings: every ``model.kwargs`` entry but the sizes ``_twin_model`` lists), the optimizer, the shape of the
+learning-rate schedule, AutoAugment and the evaluation attack. It scales the rest to the embedded digits data (32 px,
+scikit-learn's digits, no download) and a network narrow enough to train on a laptop CPU in minutes:
+``atscale train --config configs/imagenet/r152_iat.yaml --twin digits``. Training phases keep their fractions of
+training, their attack and token-drop settings, and sizes relative to 32 px, under one batch size.
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from atscale.config.schema import Config
 from atscale.errors import ConfigError
@@ -17,23 +21,84 @@ TWIN_EPOCHS = 8
 _RESNET_TWIN = {"channels": [16, 32, 64, 128], "layers": [1, 1, 1, 1]}
 _GROUPNORM_CHANNELS = [32, 64, 128, 256]  # timm's GroupNorm uses 32 groups
 _KEEP_EFFNET_KWARGS = ("drop_rate", "drop_path_rate", "act_layer")
+# the size arguments a twin overrides; everything else in model.kwargs (drop_path_rate, drop_rate, ls_init_value,
+# conv_mlp, init_values, class_token, global_pool, patch_drop_rate, eta, stem_ratios ...) is the preset's
+_CONVNEXT_TWIN = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}
+_SWIN_TWIN = {"img_size": 32, "patch_size": 4, "window_size": 4, "embed_dim": 16, "depths": [2, 2, 2, 2],
+              "num_heads": [1, 2, 4, 8], "dynamic_img_size": True}
+_VIT_TWIN = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "dynamic_img_size": True}
+_XCIT_TWIN = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
+_VIT_PREFIXES = ("vit_", "deit_", "deit3_", "test_vit")
+_MIN_SIZE = {"convnext": 32}  # 4x4 stem + three stride-2 stages: the last stage needs a 32 px input
+
+
+def _family(arch: str) -> str:
+    if "efficientnet" in arch:
+        return "efficientnet"
+    if arch.startswith("convnext") or arch.startswith("test_convnext"):
+        return "convnext"
+    if arch.startswith("swin_"):
+        return "swin"
+    if arch.startswith(_VIT_PREFIXES):
+        return "vit"
+    if arch.startswith("xcit_"):
+        return "xcit"
+    if "resne" in arch:
+        return "resnet"
+    return ""
 
 
 def _twin_model(cfg: Config) -> None:
+    """The tiny network of a twin, same family and paper elements (module docstring).
+
+    ResNet / ResNeXt / WideResNet (timm ``wide_resnet50_2``: its ``base_width=128`` stays, so the bottlenecks stay
+    2x wider than a ResNet twin's) and atscale's variants: one block per stage, 16..128 channels. EfficientNet: timm's
+    ``test_efficientnet``. ConvNeXt (also ``convnext_*_convstem``, Singh et al. 2023: the stem's widths are relative
+    to ``dims[0]``, so it shrinks with the twin): one block per stage, 16..128 channels. Swin: 4 px patches, 4 px
+    windows (shifted in the 8x8 first stage), 16..128 channels, 2 blocks per stage. ViT / DeiT / DeiT-III: 8 px
+    patches, width 64, 2 blocks, 2 heads, ``dynamic_img_size`` so phases can change the resolution. XCiT: 8 px patches
+    (its conv patch embedding takes 8 or 16), width 32, 2 blocks, 4 heads, its 2 class-attention layers.
+    """
     arch, kwargs = cfg.model.arch, dict(cfg.model.kwargs)
-    if "efficientnet" in arch:
+    family = _family(arch)
+    kwargs.pop("grad_checkpointing", None)
+    if family == "efficientnet":
         cfg.model.arch = "test_efficientnet"  # timm's tiny EfficientNet (same blocks: MBConv, SE, SiLU, BN)
-        cfg.model.kwargs = {k: v for k, v in kwargs.items() if k in _KEEP_EFFNET_KWARGS}
-    elif "resne" in arch:
+        kwargs = {k: v for k, v in kwargs.items() if k in _KEEP_EFFNET_KWARGS}
+    elif family == "resnet":
         kwargs.update(_RESNET_TWIN)
         if "group" in str(kwargs.get("norm_layer", "")).lower():
             kwargs["channels"] = _GROUPNORM_CHANNELS
-        kwargs.pop("grad_checkpointing", None)
-        cfg.model.kwargs = kwargs
+    elif family:
+        kwargs.update({"convnext": _CONVNEXT_TWIN, "swin": _SWIN_TWIN, "vit": _VIT_TWIN, "xcit": _XCIT_TWIN}[family])
     else:
-        raise ConfigError(f"no digits twin for model.arch = '{arch}': twins exist for ResNet / ResNeXt (including "
-                          "atscale's registered variants) and EfficientNet presets")
+        raise ConfigError(f"no digits twin for model.arch = '{arch}'",
+                          "twins exist for ResNet / ResNeXt / WideResNet (including atscale's registered variants), "
+                          "EfficientNet, ConvNeXt (and _convstem), Swin, ViT / DeiT and XCiT presets")
+    cfg.model.kwargs = kwargs
     cfg.model.mean, cfg.model.std, cfg.model.num_classes = [0.5] * 3, [0.5] * 3, 0
+
+
+FINE_TUNING_DIGITS = [5, 6, 7, 8, 9]
+
+
+def _fine_tuning_twin(t: Config, root: str) -> None:
+    """A fine-tuning preset's twin fine-tunes the twin of its source on a new task, the digits 5-9 (a 5-class head):
+    ``model.init_from`` pointing into a run folder ``runs/<name>/...`` becomes ``runs/<name>_digits/...``, the twin
+    run of that preset (train it first with ``--twin digits``)."""
+    if not t.model.init_from:
+        return
+    prefix = "local-dir:" if t.model.init_from.startswith("local-dir:") else ""
+    path = Path(t.model.init_from[len(prefix):])
+    parts = path.parts
+    runs = t.run.out_dir.rstrip("/").split("/")[-1] or "runs"
+    if runs in parts and parts.index(runs) + 1 < len(parts):
+        i = parts.index(runs) + 1
+        path = Path(*parts[:i], f"{parts[i]}_digits", *parts[i + 1:])
+    t.model.init_from = f"{prefix}{path}"
+    t.data.digits_classes = list(FINE_TUNING_DIGITS)
+    t.data.root = f"{root}_{FINE_TUNING_DIGITS[0]}to{FINE_TUNING_DIGITS[-1]}"
+    t.model.freeze = []  # the source's parameter names differ from the twin's
 
 
 def digits_twin(cfg: Config, root: str = "data/digits") -> Config:
@@ -58,14 +123,18 @@ def digits_twin(cfg: Config, root: str = "data/digits") -> Config:
     phases, last = [], 0
     for ph in d.phases:  # progressive resizing: same fractions of training, sizes relative to 32 px, one batch size
         until = min(TWIN_EPOCHS, max(last + 1, round(ph["until_epoch"] * scale)))
-        size = max(16, 8 * round(ph.get("image_size", base_size) * 32 / base_size / 8))
+        size = max(_MIN_SIZE.get(_family(cfg.model.arch), 16),
+                   8 * round(ph.get("image_size", base_size) * 32 / base_size / 8))
         if until > last:
-            phases.append({"until_epoch": until, "image_size": size})
+            kept = {k: v for k, v in ph.items() if k not in ("until_epoch", "image_size", "batch_size")}
+            phases.append({"until_epoch": until, "image_size": size, **kept})
             last = until
     if phases:
         phases[-1]["until_epoch"] = TWIN_EPOCHS
     d.phases = phases
+    _fine_tuning_twin(t, root)
     e = t.eval
+    e.preprocess, e.jpeg_root, e.image_list = "ffcv", "", ""  # digits have no val JPEGs
     e.steps = sorted({min(k, 20) for k in e.steps})
     e.max_images, e.every_epochs, e.quick_images = 0, 2, 200
     e.quick_steps = min(e.quick_steps, 10)

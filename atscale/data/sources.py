@@ -46,15 +46,23 @@ class FileSplit:
             return im.convert("RGB"), self.labels[i]
 
 
-def digits_splits(size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> tuple[ArraySplit, ArraySplit, list[str]]:
-    """scikit-learn's 1,797 8x8 handwritten digits, upsampled (bicubic) to size x size RGB, with a seeded stratified split."""
+def digits_splits(size: int = 32, val_fraction: float = 0.2, seed: int = 0,
+                  keep: Sequence[int] = ()) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    """scikit-learn's 1,797 8x8 handwritten digits, upsampled (bicubic) to size x size RGB, with a seeded stratified
+    split. ``keep``: only these digits, relabelled 0..len(keep)-1 in that order (a new task for fine-tuning twins)."""
     from sklearn.datasets import load_digits
 
+    if any(c not in range(10) for c in keep) or len(set(keep)) != len(keep) or len(keep) == 1:
+        raise DatasetError(f"data.digits_classes = {list(keep)} is not a subset of the digits 0..9 (two or more, each "
+                           "once)", "list two or more distinct digits, e.g. [5, 6, 7, 8, 9], or [] for all ten")
     d = load_digits()
     gray = np.clip(d.images / 16.0 * 255.0, 0, 255).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    digits = list(keep) or list(range(10))
+    chosen = np.isin(labels, digits)
+    gray, labels = gray[chosen], np.array([digits.index(int(v)) for v in labels[chosen]], np.int64)
     up = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in gray])
     rgb = np.repeat(up[..., None], 3, axis=-1)
-    labels = d.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     val_idx = []
     for c in np.unique(labels):
@@ -63,7 +71,7 @@ def digits_splits(size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> t
         val_idx.extend(idx[: int(round(len(idx) * val_fraction))])
     val_mask = np.zeros(len(labels), bool)
     val_mask[val_idx] = True
-    classes = [str(c) for c in range(10)]
+    classes = [str(c) for c in digits]
     return ArraySplit(rgb[~val_mask], labels[~val_mask]), ArraySplit(rgb[val_mask], labels[val_mask]), classes
 
 

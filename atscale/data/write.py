@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from atscale.data.beton import page_size_for, write_beton
 from atscale.data.sources import (ArraySplit, DatasetError, FileSplit, cifar10_splits, digits_splits,
@@ -96,11 +96,13 @@ def _publish(stage: Path, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def build_digits(out: str | Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0, workers: int = 2) -> dict:
-    """scikit-learn digits -> raw-pixel .beton files (lossless: the images are tiny)."""
+def build_digits(out: str | Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0, workers: int = 2,
+                 classes: Sequence[int] = ()) -> dict:
+    """scikit-learn digits (all ten, or the ``classes`` subset relabelled in order) -> raw-pixel .beton files
+    (lossless: the images are tiny)."""
     out = Path(out)
     with _staged_build(out) as stage:
-        train, val, classes = digits_splits(size, val_fraction, seed)
+        train, val, classes = digits_splits(size, val_fraction, seed, classes)
         for name, split in (("train", train), ("val", val)):
             write_beton(split, stage / f"{name}.beton", write_mode="raw", workers=workers)
         return _publish(stage, out, {"source": "digits", "classes": classes, "num_classes": len(classes),
@@ -164,16 +166,28 @@ def build_imagefolder(src: str | Path, out: str | Path, max_resolution: int = 0,
         return _publish(stage, out, meta)
 
 
+def _same_digits(meta: dict[str, Any], data_cfg: Any) -> dict[str, Any]:
+    """``meta``, unless a digits dataset there holds other digits than ``data.digits_classes`` asks for."""
+    want = [str(c) for c in (data_cfg.digits_classes or range(10))]
+    if data_cfg.source == "digits" and meta.get("source") == "digits" and meta.get("classes") != want:
+        raise DatasetError(f"the digits dataset at '{data_cfg.root}' holds the digits {meta.get('classes')}, but "
+                           f"data.digits_classes asks for {want}", "point data.root at another folder for this subset")
+    return meta
+
+
 def ensure_dataset(data_cfg: Any, seed: int = 0) -> dict[str, Any]:
     """Return meta.json of ``data.root``, building it first from ``data.source`` if missing and allowed."""
     root = Path(data_cfg.root)
     try:
-        return read_meta(root)
+        meta = read_meta(root)
     except DatasetError:
         if not data_cfg.build_if_missing:
             raise
+    else:
+        return _same_digits(meta, data_cfg)
     if data_cfg.source == "digits":
-        return build_digits(root, data_cfg.digits_size, data_cfg.digits_val_fraction, seed, data_cfg.num_workers)
+        return build_digits(root, data_cfg.digits_size, data_cfg.digits_val_fraction, seed, data_cfg.num_workers,
+                            data_cfg.digits_classes)
     if not data_cfg.src:
         raise DatasetError(f"no FFCV dataset at '{root}' and data.src is empty: set data.src to the raw "
                            f"{data_cfg.source} folder to build it, or build it with `atscale data {data_cfg.source}`")

@@ -3,12 +3,16 @@
 The checkpoint's own config is the evaluation config; ``eval.*``, ``data.*``, ``run.*``, ``log.*`` and ``perf.*``
 overrides (the CLI's flags are aliases of them) change it, validated like a training config. The suite (``eval.suite``;
 "" or ``run`` = the run's own PGD-k list) runs through the one evaluator (:mod:`atscale.evaluation.evaluator`), with
-distribution-shift sets (:mod:`atscale.evaluation.shift`) when ``eval.shift.roots`` are given. Outputs go to
+distribution-shift sets (:mod:`atscale.evaluation.shift`) when ``eval.shift.roots`` are given. The images come from
+the run's val ``.beton`` (``eval.preprocess: ffcv``) or, for RobustBench's pre-processings, from the val JPEGs of
+``eval.jpeg_root`` (default ``<data.src>/val``), optionally the ``eval.image_list`` subset, decoded exactly as
+RobustBench does (:mod:`atscale.data.jpeg_eval`); eval.json records which under ``preprocess``. Outputs go to
 ``eval.out`` (default ``<run>/eval/<suite>``), never over the training run's own files. Under torchrun every rank
 evaluates its strided shard of the data and counts are summed.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -19,9 +23,11 @@ from atscale import distributed as dist
 from atscale.checkpoint import load_checkpoint, model_from_checkpoint, model_from_state
 from atscale.config import Config, config_from_yaml_text, parse_override, with_overrides
 from atscale.data import make_loader, read_meta
-from atscale.errors import DatasetError
+from atscale.data.jpeg_eval import make_jpeg_loader
+from atscale.errors import ConfigError, DatasetError
 from atscale.evaluation import sanity
 from atscale.evaluation.evaluator import run_suite
+from atscale.evaluation.model_info import find_eval_doc, preprocessing_of, robustbench_model_info
 from atscale.evaluation.outputs import robustbench_info, write_outputs
 from atscale.evaluation.shift import evaluate_shift, load_baseline
 from atscale.evaluation.suites import Suite, get_suite
@@ -50,6 +56,51 @@ def check_data_fits(root: str, meta: dict) -> None:
         raise DatasetError(f"dataset '{root}' has {n} classes {list(names or [])[:5]}..., but the checkpoint's model "
                            f"was trained on {want} classes {list(want_names or [])[:5]}...",
                            "evaluate on data with the training classes (data.root / --data), or use the run's own")
+
+
+def jpeg_root_of(cfg: Config, meta: dict) -> Path:
+    """``eval.jpeg_root``, else the val folder of the ImageFolder the dataset was built from (``data.src`` or the
+    ``src`` recorded in meta.json, ImageNet layout ``<src>/val/<class>/*``)."""
+    if cfg.eval.jpeg_root:
+        return Path(cfg.eval.jpeg_root)
+    src = cfg.data.src or (meta.get("src") if meta.get("source") == "imagefolder" else "")
+    if not src:
+        raise ConfigError(f"eval.preprocess={cfg.eval.preprocess} reads val JPEGs, but eval.jpeg_root is not set and "
+                          "the run records no ImageFolder source (data.src)",
+                          "set eval.jpeg_root to the val folder (<root>/<class>/<file>.JPEG)")
+    return Path(src) / "val"
+
+
+def ffcv_record(cfg: Config) -> dict:
+    """What eval.json records of an evaluation on the run's val .beton (``preprocess``)."""
+    return {"name": "ffcv", "data": str(cfg.data.root), "val_size": cfg.data.val_size,
+            "val_crop_ratio": cfg.data.val_crop_ratio}
+
+
+def eval_loader(cfg: Config, meta: dict, device: torch.device, seed: int) -> tuple[object, dict]:
+    """The evaluation batches of this rank and what eval.json records of them (``preprocess``): the run's val
+    ``.beton`` for ``eval.preprocess: ffcv``, else the val JPEGs with RobustBench's transforms."""
+    ev = cfg.eval
+    if ev.preprocess == "ffcv":
+        check_data_fits(cfg.data.root, meta)
+        loader = make_loader(cfg.data.root, "val", cfg.data, device, seed, train=False,
+                             channels_last=cfg.model.channels_last, rank=dist.rank(), world_size=dist.world_size())
+        return loader, ffcv_record(cfg)
+    root = jpeg_root_of(cfg, meta)
+    loader = make_jpeg_loader(root, meta.get("classes") or [], ev.preprocess, device, image_list=ev.image_list,
+                              batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                              channels_last=cfg.model.channels_last, rank=dist.rank(), world_size=dist.world_size())
+    n = int(dist.all_reduce_sum(torch.tensor(len(loader.samples), device=device)).item())
+    return loader, {"name": ev.preprocess, "jpeg_root": str(root), "image_list": ev.image_list or None,
+                    "n_images": n}
+
+
+def _skipped(loader, info: dict, device: torch.device) -> dict:
+    """The files the JPEG loader could not decode: counted over ranks, listed from this rank."""
+    if info["name"] == "ffcv":
+        return info
+    count = int(dist.all_reduce_sum(torch.tensor(len(loader.skipped), device=device)).item())
+    return {**info, "skipped": {"count": count, "files": list(loader.skipped)}}
 
 
 def _load(path: str | Path, overrides: Sequence[str]) -> tuple[NormalizedModel, Config, dict, torch.device, list]:
@@ -92,12 +143,13 @@ def _evaluate(path, model, cfg: Config, meta: dict, device, suite: Suite | None,
                                      "num_classes": meta.get("num_classes"), "seed": seed, "weights": ev.weights},
                  "eval_config": cfg.to_dict()["eval"]}
     if suite is not None:
-        check_data_fits(cfg.data.root, meta)
+        loader, pre = eval_loader(cfg, meta, device, seed)
         surrogates = {s.source: model_from_checkpoint(s.source, device)[0] for s in suite.attacks if s.source}
-        loader = make_loader(cfg.data.root, "val", cfg.data, device, seed, train=False,
-                             channels_last=cfg.model.channels_last, rank=dist.rank(), world_size=dist.world_size())
         doc.update(run_suite(model, loader, suite, amp_dtype=amp, max_images=ev.max_images, seed=seed,
                              progress=progress, surrogates=surrogates, sanity_opts=sanity_opts))
+        doc["preprocess"] = _skipped(loader, pre, device)
+        if pre["name"] != "ffcv":
+            doc["checkpoint_info"]["data"] = pre["jpeg_root"]
         if dist.rank() == 0:
             sanity.warn([sanity.Flag(**f) for f in doc["flags"]], str(path))
     if ev.shift.roots:
@@ -123,8 +175,10 @@ def _write(path, doc: dict, cfg: Config, meta: dict, suite: Suite | None, out_di
     title = f"{cfg.model.arch}" + (f" [{domain}]" if domain else "") + (f", suite {suite.name}" if suite else "")
     rb = None
     if suite is not None:
+        pre, _ = preprocessing_of(cfg, meta, doc)
         rb = robustbench_info(doc, name=Path(path).resolve().parent.parent.name, arch=cfg.model.arch,
-                              dataset=dataset_name(meta), extra={"bn_domain": domain, "checkpoint": str(path)})
+                              dataset=dataset_name(meta), extra={"bn_domain": domain, "checkpoint": str(path),
+                                                                 "preprocessing": pre})
         if suite.robustbench and rb is None:
             warnings.warn(f"suite {suite.name!r} asks for RobustBench model info but has no untargeted Linf AutoAttack "
                           "row at eps 4/255 ('standard', or an aggregate of apgd-ce, apgd-t, fab-t and square)",
@@ -139,13 +193,24 @@ def _write(path, doc: dict, cfg: Config, meta: dict, suite: Suite | None, out_di
     print(f"wrote {paths['json']} and {paths['markdown']}")
 
 
-def export_checkpoint(path: str | Path, out: str | Path, bn_domain: str = "") -> Path:
-    """The checkpoint's model as a folder that plain timm loads (:func:`atscale.models.export.export_timm`)."""
+def export_checkpoint(path: str | Path, out: str | Path, bn_domain: str = "", eval_json: str | Path = "") -> Path:
+    """The checkpoint's model as a folder that plain timm loads (:func:`atscale.models.export.export_timm`), with
+    RobustBench's model info filled from the run's config and an evaluation of this checkpoint (``eval_json``, else
+    the one :func:`atscale.evaluation.model_info.find_eval_doc` picks; accuracies only under its rule)."""
     model, cfg, meta = model_from_checkpoint(path, torch.device("cpu"), bn_domain)
+    if eval_json:
+        try:
+            doc, source = json.loads(Path(eval_json).read_text()), str(eval_json)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the evaluation '{eval_json}' ({e})", "give an eval.json of atscale eval")
+    else:
+        doc, source = find_eval_doc(path, "best.pt" if cfg.eval.select_best else "last.pt")
+    info = robustbench_model_info(cfg, meta, doc, name=Path(path).resolve().parent.parent.name, eval_source=source)
     return export_timm(model, out, mean=cfg.model.mean, std=cfg.model.std, input_size=cfg.data.val_size,
                        crop_pct=cfg.data.val_crop_ratio, label_names=meta.get("classes"),
-                       extra={"checkpoint": str(path), "config": cfg.to_dict()})
+                       extra={"checkpoint": str(path), "config": cfg.to_dict()}, robustbench=info)
 
 
-__all__ = ["evaluate_checkpoint", "export_checkpoint", "check_data_fits", "dataset_name", "EVAL_SECTIONS"]
+__all__ = ["evaluate_checkpoint", "export_checkpoint", "check_data_fits", "dataset_name", "eval_loader", "jpeg_root_of",
+           "EVAL_SECTIONS"]
 

@@ -7,6 +7,10 @@ Layers whose behaviour depends on the pass read it from here, so no model code n
 - Mixture BN / auxiliary BN (Sec 6.4.2, Chapter 7) picks a BN domain per forward pass (``bn_domain()``).
 Attacks enter ``attack_pass()`` (``atscale.attacks.base.attack_mode`` does) and the objective's attack domain;
 objectives enter ``domain(name)`` or ``domain_split(...)`` for a concatenated clean + adversarial batch.
+
+One process-level switch is not a pass state but a run setting: ``set_stochastic_attack(on)``
+(``attack.stochastic_layers``, set once when a run is built) lets dropout, drop path and patch dropout draw as in
+training inside the training attack's passes; ``attack_mode`` reads ``stochastic_attack()``. Evaluation attacks (inside ``evaluation()``) never do.
 """
 from __future__ import annotations
 
@@ -75,6 +79,21 @@ def domain_split(*parts: tuple[str, int]) -> Iterator[None]:
 
 def bn_split() -> tuple[tuple[str, int], ...] | None:
     return _SPLIT.get()
+
+
+_STOCHASTIC_ATTACK = [False]
+
+
+def set_stochastic_attack(on: bool) -> None:
+    """Process-wide: whether the training attack's passes run dropout / drop path / patch dropout as in training
+    (``attack.stochastic_layers``; Singh et al. 2023 and timm-style recipes train ViTs and ConvNeXts with drop path).
+    Off (the default) gives the attacker the deterministic network, as BN's running statistics do."""
+    _STOCHASTIC_ATTACK[0] = bool(on)
+
+
+def stochastic_attack() -> bool:
+    """The switch of :func:`set_stochastic_attack` (always False inside ``evaluation()``)."""
+    return _STOCHASTIC_ATTACK[0] and not _EVAL.get()
 
 
 _ALL = (_ATTACK, _DOMAIN, _EVAL, _SPLIT)

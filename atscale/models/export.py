@@ -2,7 +2,9 @@
 
 ``timm.create_model('local-dir:<folder>', pretrained=True)`` rebuilds the architecture (with its recorded
 ``model_args``) and loads the weights; ``pretrained_cfg`` carries mean/std, input size and crop, so timm's own
-preprocessing reproduces our built-in normalization and the logits match the trained model's.
+preprocessing reproduces our built-in normalization and the logits match the trained model's. Beside the weights,
+``atscale.json`` holds the run's config and ``robustbench_model_info.json`` RobustBench's model info when the caller
+gives it (``atscale export`` and training's export fill it from the run: :mod:`atscale.evaluation.model_info`).
 
 The folder is built beside the target as ``.<name>.<pid>@<host>.*`` and swapped in atomically
 (:func:`atscale.fsio.replace_dir`), with the modes the user's umask implies; folders left by killed exports are
@@ -27,14 +29,17 @@ from atscale.fsio import finalize_tree, make_temp_dir, replace_dir
 from atscale.layers.mixture_bn import MixtureBatchNorm2d, collapse_mixture_bn, mixture_domains
 from atscale.models.normalize import NormalizedModel
 
+ROBUSTBENCH_INFO = "robustbench_model_info.json"
 FOREIGN_STALE_S = 24 * 3600  # a temporary export folder of another host (or older atscale) this old is abandoned
 
 
 def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input_size: int, crop_pct: float = 0.875,
                 interpolation: str = "bicubic", label_names: list[str] | None = None, extra: dict | None = None,
-                bn_domain: str | None = None) -> Path:
+                bn_domain: str | None = None, robustbench: dict | None = None) -> Path:
     """Mixture BN models keep one domain as plain BN (``bn_domain``, else each layer's default; Xie thesis Sec 6.4.2,
-    AdvProp drops the auxiliary BNs), so plain timm loads the folder."""
+    AdvProp drops the auxiliary BNs), so plain timm loads the folder. ``robustbench``: RobustBench's model info
+    (:func:`atscale.evaluation.model_info.robustbench_model_info`), written as ``robustbench_model_info.json`` in the
+    folder beside the weights."""
     out_dir = Path(out_dir)
     net = copy.deepcopy(model.net).to("cpu", memory_format=torch.contiguous_format).eval()
     domains = mixture_domains(net)
@@ -56,6 +61,8 @@ def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input
         save_for_hf(net, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
         if extra:
             (tmp / "atscale.json").write_text(json.dumps(extra, indent=2))
+        if robustbench is not None:
+            (tmp / ROBUSTBENCH_INFO).write_text(json.dumps(robustbench, indent=2))
         finalize_tree(tmp)
         replace_dir(tmp, out_dir)
     finally:

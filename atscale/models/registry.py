@@ -249,32 +249,38 @@ def base_model_args(name: str) -> dict[str, Any]:
     return dict(_SPECS[name][0])
 
 
-def _entrypoint(name: str, base: dict[str, Any], doc: str) -> Callable[..., ResNet]:
-    def fn(pretrained: bool = False, **kwargs: Any) -> ResNet:
-        return _create(name, pretrained, base, kwargs)
-
+def named_entrypoint(fn: Callable[..., Any], name: str, module: str, doc: str) -> Callable[..., Any]:
+    """``fn`` named as timm expects of a model entrypoint: ``name``, defined in ``module``, documented by ``doc``."""
     fn.__name__ = fn.__qualname__ = name
-    fn.__module__ = __name__
+    fn.__module__ = module
     fn.__doc__ = doc
     return fn
 
 
+def register_variant(fn: Callable[..., Any], namespace: dict[str, Any]) -> bool:
+    """Register the entrypoint ``fn`` with timm under its name and bind it in ``namespace`` (the module's globals);
+    when timm already has another model of that name, warn and keep timm's (returns False)."""
+    name = fn.__name__
+    if timm.is_model(name) and getattr(timm.models.model_entrypoint(name), "__module__", None) != fn.__module__:
+        warnings.warn(f"timm already has a model '{name}'; atscale's variant is not registered", stacklevel=3)
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # re-registering atscale's own entrypoint (a module reload)
+        register_model(fn)
+    namespace[name] = fn
+    return True
+
+
+def _entrypoint(name: str, base: dict[str, Any], doc: str) -> Callable[..., ResNet]:
+    def fn(pretrained: bool = False, **kwargs: Any) -> ResNet:
+        return _create(name, pretrained, base, kwargs)
+
+    return named_entrypoint(fn, name, __name__, doc)
+
+
 def _register_all() -> tuple[str, ...]:
-    names = []
-    for name, (base, _, doc) in _SPECS.items():
-        fn = _entrypoint(name, base, doc)
-        if timm.is_model(name):
-            if getattr(timm.models.model_entrypoint(name), "__module__", None) != __name__:
-                warnings.warn(f"timm already has a model '{name}'; atscale's variant is not registered", stacklevel=2)
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                register_model(fn)
-        else:
-            register_model(fn)
-        globals()[name] = fn
-        names.append(name)
-    return tuple(names)
+    return tuple(name for name, (base, _, doc) in _SPECS.items()
+                 if register_variant(_entrypoint(name, base, doc), globals()))
 
 
 ATSCALE_MODELS: tuple[str, ...] = _register_all()

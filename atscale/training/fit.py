@@ -17,7 +17,9 @@ import torch
 from atscale import distributed as dist
 from atscale.config import Config
 from atscale.config.units import to_pixels
+from atscale.evaluation.checkpoint_eval import eval_loader, ffcv_record
 from atscale.evaluation.evaluator import run_suite
+from atscale.evaluation.model_info import robustbench_model_info
 from atscale.evaluation.outputs import write_outputs
 from atscale.evaluation.suites import get_suite, quick_check_suite
 from atscale.models.export import export_timm
@@ -204,6 +206,15 @@ def fit(run: Run, found: Resume | None = None) -> dict[str, Any]:
     return finish(run, log, summary, t_start)
 
 
+def final_eval_data(run: Run) -> tuple[Any, dict]:
+    """The final evaluation's batches and their eval.json ``preprocess`` record: the run's val loader, or the val JPEGs
+    with RobustBench's pre-processing when ``eval.preprocess`` asks for it (the quick checks stay on the .beton)."""
+    cfg = run.cfg
+    if cfg.eval.preprocess == "ffcv":
+        return run.val_loader, ffcv_record(cfg)
+    return eval_loader(cfg, run.meta, run.device, eval_seed(cfg))
+
+
 def finish(run: Run, log: RunLog | None, summary: dict, t_start: float) -> dict[str, Any]:
     """The final evaluation (``eval.suite``, on ``best.pt`` with ``eval.select_best``), export and report."""
     cfg = run.cfg
@@ -214,9 +225,11 @@ def finish(run: Run, log: RunLog | None, summary: dict, t_start: float) -> dict[
             summary["selected_step"] = best
             if run.main:
                 print(f"final eval on the best quick check: step {best} (best.pt)", file=sys.stderr)
-    doc = run_suite(run.eval_model, run.val_loader, get_suite(cfg.eval.suite, cfg.eval), amp_dtype=run.amp_dtype,
+    loader, pre = final_eval_data(run)
+    doc = run_suite(run.eval_model, loader, get_suite(cfg.eval.suite, cfg.eval), amp_dtype=run.amp_dtype,
                     max_images=cfg.eval.max_images, seed=eval_seed(cfg), progress=cfg.log.progress and run.main,
                     desc="final eval")
+    doc["preprocess"] = pre
     out = {"stopped": False, "step": run.step, "eval": doc["results"], "run_dir": str(cfg.run_dir), "train": summary}
     if not run.main:
         return out
@@ -229,7 +242,8 @@ def finish(run: Run, log: RunLog | None, summary: dict, t_start: float) -> dict[
         export_dir = export_timm(run.eval_model, RunFolder(cfg.run_dir).export, mean=cfg.model.mean, std=cfg.model.std,
                                  input_size=cfg.data.val_size, crop_pct=cfg.data.val_crop_ratio,
                                  label_names=run.meta.get("classes"),
-                                 extra={"eval": doc["results"], "config": cfg.to_dict()})
+                                 extra={"eval": doc["results"], "config": cfg.to_dict()},
+                                 robustbench=robustbench_model_info(cfg, run.meta, doc, eval_source=str(paths["json"])))
     log.close()
     plots = [paths[k] for k in ("iterations_plot", "eps_plot") if paths.get(k)]
     plots += [p for p in [plot_training(cfg.run_dir / "log.jsonl", cfg.run_dir / "training.png")] if p]

@@ -1,10 +1,20 @@
 """Loops only (DESIGN.md convention 4): the training step that ``atscale train`` and the benchmarks run, and one epoch
 of such steps over a :class:`atscale.training.run.Run`.
 
-Per micro-batch (Xie thesis Sec 4.5, 6.3): x = AutoAugment(x) when on; x_adv = ``objective.make_adv`` (the attack on
-the unwrapped module: eval-mode BN, no parameter gradients, so no gradient synchronization fires); the objective's
-loss through the update module and ``updater.backward``; every ``dist.grad_accum`` micro-batches make one optimizer
-step with one gradient all-reduce. A non-finite loss stops the run (``TrainingDiverged``) before anything is saved.
+Per micro-batch (Xie thesis Sec 4.5, 6.3; the robust ImageNet recipe of ARES 2.0 robust_training, Liu et al. 2023):
+
+1. x = AutoAugment(x) or RandAugment(x) (Cubuk et al. 2019, 2020) when on (``run.loop_augment``);
+2. Mixup / CutMix (Zhang et al. 2018; Yun et al. 2019) when ``data.mixup`` is on (``run.mixing``): x becomes the
+   mixed images and y splits into three labels (``atscale.training.mixing``): ``soft``, the [B, C] mixed targets with
+   ``objective.label_smoothing`` applied there, once; ``hard`` = argmax(soft); and the attack's labels, ``soft`` or
+   ``hard`` by ``attack.mixup_labels``;
+3. x_adv = ``objective.make_adv`` with the attack's labels (the attack on the unwrapped module: eval-mode BN, no
+   parameter gradients, so no gradient synchronization fires);
+4. the objective's loss against ``soft`` (the plain labels without mixing; the objectives add no second smoothing to
+   soft targets) through the update module and ``updater.backward``; step accuracies are against ``hard``.
+
+Every ``dist.grad_accum`` micro-batches make one optimizer step with one gradient all-reduce. A non-finite loss stops
+the run (``TrainingDiverged``) before anything is saved.
 """
 from __future__ import annotations
 
@@ -50,10 +60,12 @@ def freeze_bn_statistics(module: nn.Module) -> int:
 
 
 def train_step(updater, attack, objective, x: torch.Tensor, y: torch.Tensor, *, amp_dtype: torch.dtype | None,
-               last_micro: bool = True):
-    """One micro-batch of adversarial training; the optimizer steps when ``last_micro``. Returns the objective's
+               last_micro: bool = True, attack_y: torch.Tensor | None = None):
+    """One micro-batch of adversarial training; the optimizer steps when ``last_micro``. ``y``: the loss's labels
+    (class indices or Mixup soft targets); ``attack_y``: the attack's labels (None = ``y``). Returns the objective's
     output (``loss``, ``logits``, ``clean_logits``)."""
-    x_adv = objective.make_adv(updater.model, attack, x, y) if objective.needs_attack else x
+    ya = y if attack_y is None else attack_y
+    x_adv = objective.make_adv(updater.model, attack, x, ya) if objective.needs_attack else x
     with updater.micro_batch(last_micro):
         with autocast(x.device, amp_dtype):
             out = objective(updater.module, x, x_adv, y)
@@ -63,10 +75,22 @@ def train_step(updater, attack, objective, x: torch.Tensor, y: torch.Tensor, *, 
 
 
 def step_metrics(out: Any, y: torch.Tensor) -> dict[str, float]:
+    """Loss and accuracies of one step; ``y``: class indices (under Mixup / CutMix each image's dominant label)."""
     m = {"loss": out.loss.item(), "acc": (out.logits.argmax(1) == y).float().mean().item()}
     if out.clean_logits is not None:
         m["clean_acc"] = (out.clean_logits.argmax(1) == y).float().mean().item()
     return m
+
+
+def prepare_batch(run: "Run", x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]:
+    """Steps 1-2 of the module docstring: (images, the loss's labels, the attack's labels, the hard labels)."""
+    if run.loop_augment is not None:
+        x = run.loop_augment(x)
+    if run.mixing is None:
+        return x, y, y, y
+    mixed = run.mixing(x, y)
+    return mixed.x, mixed.soft, mixed.attack, mixed.hard
 
 
 @dataclass
@@ -106,12 +130,12 @@ def train_epoch(run: "Run", after_step) -> EpochResult:
             break
         bar.update(1)
         last = (i + 1) % accum == 0
-        if run.loop_augment is not None:
-            x = run.loop_augment(x)
+        x, y_loss, y_attack, y = prepare_batch(run, x, y)
         for _ in range(replays):
             plan = run.plan(k, spe)
             run.apply(plan)
-            out = train_step(run.updater, run.attack, run.objective, x, y, amp_dtype=run.amp_dtype, last_micro=last)
+            out = train_step(run.updater, run.attack, run.objective, x, y_loss, amp_dtype=run.amp_dtype,
+                             last_micro=last, attack_y=y_attack)
             seen += y.shape[0]
             if not last:
                 continue
@@ -133,4 +157,4 @@ def train_epoch(run: "Run", after_step) -> EpochResult:
     return EpochResult(meter.averages(), time.perf_counter() - t0, seen, stopped, bn_eval)
 
 
-__all__ = ["train_step", "train_epoch", "EpochResult", "Meter", "freeze_bn_statistics"]
+__all__ = ["train_step", "train_epoch", "prepare_batch", "step_metrics", "EpochResult", "Meter", "freeze_bn_statistics"]

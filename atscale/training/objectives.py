@@ -8,6 +8,11 @@ Each objective has two parts that the engine calls per micro-batch:
   through the objective's ``attack_domain``.
 - ``__call__(module, x, x_adv, y) -> StepOutput``: the loss through the (DDP / DeepSpeed) training module, whose
   backward the engine runs.
+
+``y`` is a [B] tensor of class indices, or, for the cross-entropy objectives (``MIXUP_OBJECTIVES``: madry, clean,
+mixed, ratio, alp, mbn, advprop) under Mixup / CutMix, [B, C] float soft targets (``atscale.training.mixing``) that
+already carry ``objective.label_smoothing``; :func:`cross_entropy` then applies no smoothing of its own, so label
+smoothing enters the loss once.
 """
 from __future__ import annotations
 
@@ -20,6 +25,17 @@ from torch import nn
 from atscale.attacks.base import attack_mode
 from atscale.attacks.geometry import project
 from atscale.layers.context import domain, domain_split
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy against class indices (smoothed by ``label_smoothing``, Szegedy et al. 2016) or against
+    [B, C] soft targets, which carry their smoothing already (timm's ``Mixup`` builds them smoothed; smoothing
+    them again here would apply it twice)."""
+    if y.is_floating_point():
+        if y.shape != logits.shape:
+            raise ValueError(f"soft targets of shape {tuple(y.shape)} for logits of shape {tuple(logits.shape)}")
+        return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
 
 @dataclass
@@ -63,7 +79,7 @@ class Madry(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         logits = model(x_adv)
-        return StepOutput(F.cross_entropy(logits.float(), y, label_smoothing=self.ls), logits)
+        return StepOutput(cross_entropy(logits.float(), y, self.ls), logits)
 
 
 class Clean(Objective):
@@ -76,7 +92,7 @@ class Clean(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         logits = model(x)
-        return StepOutput(F.cross_entropy(logits.float(), y, label_smoothing=self.ls), logits, logits)
+        return StepOutput(cross_entropy(logits.float(), y, self.ls), logits, logits)
 
 
 class Mixed(Objective):
@@ -88,8 +104,8 @@ class Mixed(Objective):
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         logits = model(torch.cat([x, x_adv]))
         clean, adv = logits.float().chunk(2)
-        loss = self.a * F.cross_entropy(clean, y, label_smoothing=self.ls) + \
-            (1 - self.a) * F.cross_entropy(adv, y, label_smoothing=self.ls)
+        loss = self.a * cross_entropy(clean, y, self.ls) + \
+            (1 - self.a) * cross_entropy(adv, y, self.ls)
         return StepOutput(loss, adv, clean)
 
 
@@ -104,7 +120,7 @@ class CleanRatio(Objective):
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         k = int(round(self.ratio * x.shape[0]))
         logits = model(torch.cat([x[:k], x_adv])).float()
-        loss = F.cross_entropy(logits, torch.cat([y[:k], y]), label_smoothing=self.ls)
+        loss = cross_entropy(logits, torch.cat([y[:k], y]), self.ls)
         return StepOutput(loss, logits[k:], logits[:k] if k == x.shape[0] else None)  # clean acc: whole batches
 
 
@@ -117,8 +133,8 @@ class LogitPairing(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
-        loss = self.a * F.cross_entropy(clean, y, label_smoothing=self.ls) + \
-            (1 - self.a) * F.cross_entropy(adv, y, label_smoothing=self.ls) + self.lam * F.mse_loss(adv, clean)
+        loss = self.a * cross_entropy(clean, y, self.ls) + \
+            (1 - self.a) * cross_entropy(adv, y, self.ls) + self.lam * F.mse_loss(adv, clean)
         return StepOutput(loss, adv, clean)
 
 
@@ -156,7 +172,7 @@ class Trades(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
-        loss = F.cross_entropy(clean, y, label_smoothing=self.ls) + self.beta * kl_rows(clean, adv).mean()
+        loss = cross_entropy(clean, y, self.ls) + self.beta * kl_rows(clean, adv).mean()
         return StepOutput(loss, adv, clean)
 
 
@@ -205,7 +221,7 @@ class Free(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         logits = model(x_adv).float()
-        return StepOutput(F.cross_entropy(logits, y, label_smoothing=self.ls), logits)
+        return StepOutput(cross_entropy(logits, y, self.ls), logits)
 
     def after_backward(self) -> None:
         grad = self._x_adv.grad
@@ -242,8 +258,8 @@ class SplitBN(Objective):
         with domain_split(("clean", n), ("adv", x_adv.shape[0])):
             logits = model(torch.cat([x, x_adv]))
         clean, adv = logits.float().split([n, x_adv.shape[0]])
-        loss = self.wc * F.cross_entropy(clean, y, label_smoothing=self.ls) + \
-            self.wa * F.cross_entropy(adv, y, label_smoothing=self.ls)
+        loss = self.wc * cross_entropy(clean, y, self.ls) + \
+            self.wa * cross_entropy(adv, y, self.ls)
         return StepOutput(loss, adv, clean)
 
 
@@ -273,7 +289,7 @@ class FineGrainedAdvProp(Objective):
         with domain_split(("clean", n), ("aug", n), ("adv", n)):
             logits = model(torch.cat([x, x_aug, x_adv]))
         clean, aug, adv = logits.float().split(n)
-        loss = sum(F.cross_entropy(z, y, label_smoothing=self.ls) for z in (clean, aug, adv))
+        loss = sum(cross_entropy(z, y, self.ls) for z in (clean, aug, adv))
         return StepOutput(loss, adv, clean)
 
 

@@ -1,10 +1,15 @@
-"""Optimizers (SGD with Nesterov momentum, TF-style RMSProp, AdamW), weight decay on weights only, layer-wise lr decay,
-and a per-iteration learning-rate schedule.
+"""Optimizers (SGD with Nesterov momentum, TF-style RMSProp, AdamW, LAMB), weight decay on weights only, layer-wise lr
+decay, and a per-iteration learning-rate schedule.
 
 Feature Denoising (Xie thesis Sec 4.5) recipe: SGD, lr 0.1 x B/256 (linear scaling, Goyal et al. 2017) with 5 warmup
 epochs, /10 at epochs 35, 70, 95; weight decay 1e-4 not applied to BN parameters and biases.
 EfficientNet / AdvProp (Sec 7.5.1): RMSProp (decay 0.9, momentum 0.9, epsilon inside the root as in TensorFlow: timm's
 ``RMSpropTF``), lr 0.256 at batch 4096 (0.016 per 256) decaying by 0.97 every 2.4 epochs, weight decay 1e-5.
+LAMB (You et al. 2020, layer-wise trust ratios for large batches; timm's ``Lamb``) takes AdamW's betas, epsilon and
+parameter groups; its built-in global gradient clipping is off, as clipping is ``optim.clip_grad_norm``'s alone.
+
+The lr schedule is a function of the fractional epoch (step / steps_per_epoch), so phases with other batch sizes
+(``data.phases``) keep it continuous in epochs.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ def use_fused(setting: str, optim_name: str, device: torch.device, engine: str =
 
 
 def build_optimizer(model: nn.Module, optim_cfg, global_batch: int, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD (Nesterov), RMSpropTF or AdamW over ``param_groups`` (or :func:`layer_decay_groups`); ``fused`` picks
+    """SGD (Nesterov), RMSpropTF, AdamW or LAMB over ``param_groups`` (or :func:`layer_decay_groups`); ``fused`` picks
     torch's fused SGD kernels."""
     lr = optim_cfg.lr * global_batch / optim_cfg.ref_batch
     if optim_cfg.layer_decay < 1:
@@ -76,6 +81,10 @@ def build_optimizer(model: nn.Module, optim_cfg, global_batch: int, fused: bool 
                          momentum=optim_cfg.momentum)
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.adam_eps)
+    if optim_cfg.name == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.adam_eps, max_grad_norm=None)
     return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
                            fused=True if fused else None)
 

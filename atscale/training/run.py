@@ -25,16 +25,20 @@ from atscale.checkpoint import (CheckpointDir, init_from_pretrained, load_checkp
 from atscale.config import Config, config_from_yaml_text, save_config
 from atscale.config.diff import config_changes, describe_changes
 from atscale.data import ensure_dataset, make_loader
-from atscale.data.augment import AutoAugmentBatch
+from atscale.data.augment import AutoAugmentBatch, RandAugmentBatch
 from atscale.distributed.updater import build_updater
 from atscale.errors import CheckpointError, ConfigError
 from atscale.layers.checkpointing import enable_activation_checkpointing
+from atscale.layers.context import set_stochastic_attack
 from atscale.layers.sync_bn import convert_sync_bn
 from atscale.models import build_from_config
+from atscale.models.factory import require_batchnorm
 from atscale.run_folder import RunFolder
 from atscale.runtime import compile_model, resolve_amp, set_backend_flags
-from atscale.training.controls import EarlyStopping, WeightEMA, phase_at
+from atscale.training.controls import (EarlyStopping, WeightEMA, check_phase_batches, check_phases, patch_dropouts,
+                                       phase_at, phase_overrides)
 from atscale.training.guards import refuse_nonfinite_state
+from atscale.training.mixing import build_mixing
 from atscale.training.objectives import build_objective
 from atscale.training.optim import build_optimizer, use_fused
 from atscale.training.schedule import StepPlan, plan_at
@@ -42,12 +46,21 @@ from atscale.training.schedule import StepPlan, plan_at
 
 @dataclass
 class Phase:
-    """The train loader of one progressive-resizing phase (one phase when ``data.phases`` is empty)."""
+    """The train loader and settings of one phase of ``data.phases`` (one phase of the run's own settings when empty):
+    progressive resizing ("fast" training) or AdvXL's coarse-to-fine stages (Wang et al. 2024, Sec 3). ``attack_eps``
+    / ``attack_step`` are fractions of [0, 1] and None where the phase keeps the run's; ``attack_iters`` and
+    ``token_drop`` are None unless some phase sets them (then every phase applies its own or the run's value).
+    ``applied``: :meth:`Run.apply` has set the attack's iterations and the model's token dropout for this phase."""
 
     index: int
     image_size: int
     batch_size: int
     loader: Any
+    attack_iters: int | None = None
+    attack_eps: float | None = None
+    attack_step: float | None = None
+    token_drop: float | None = None
+    applied: bool = False
 
 
 class Run:
@@ -73,10 +86,15 @@ class Run:
                                      cfg.optim.clip_grad_norm)
         self.model = self.updater.model
         self.attack = build_attack(cfg.attack, self.amp_dtype, seed=cfg.run.seed + 1009 * self.rank)
+        set_stochastic_attack(cfg.attack.stochastic_layers)
         self.base_budget = (float(getattr(self.attack, "eps", 0.0)), float(getattr(self.attack, "step", 0.0)))
+        check_phases(cfg.data.phases, self.model, cfg.attack.name, self.attack)
         self.augment = AutoAugmentBatch(cfg.data.autoaugment, cfg.run.seed + 7919 * self.rank) \
             if cfg.data.autoaugment != "none" else None
         self.objective = build_objective(cfg.objective, self.augment)
+        self.randaugment = RandAugmentBatch(cfg.data.randaugment_ops, cfg.data.randaugment_magnitude,
+                                            cfg.run.seed + 7919 * self.rank) if cfg.data.randaugment_ops > 0 else None
+        self.mixing = build_mixing(cfg, cfg.model.num_classes or meta["num_classes"], cfg.run.seed + 7927 * self.rank)
         self.ema = WeightEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.stopper = EarlyStopping(cfg.eval.early_stop_patience)
         compile_model(self.model, cfg.perf.compile)  # after the EMA copy: the average stays an eager module
@@ -95,7 +113,10 @@ class Run:
 
     @property
     def loop_augment(self):
-        """AutoAugment applied by the loop (fine-grained AdvProp applies it inside its objective)."""
+        """RandAugment or AutoAugment, applied by the loop before mixing (fine-grained AdvProp applies AutoAugment
+        inside its objective)."""
+        if self.randaugment is not None:
+            return self.randaugment
         return None if self.cfg.objective.name == "advprop_fg" else self.augment
 
     @property
@@ -104,14 +125,17 @@ class Run:
         return self._phase
 
     def train_loader(self) -> Any:
-        """The train loader of the current epoch's phase (rebuilt when the phase changes)."""
+        """The train loader of the current epoch's phase (rebuilt, with the phase's settings, when the phase
+        changes)."""
         cfg = self.cfg
-        idx, size, bs = phase_at(self.epoch, cfg.data.phases, cfg.data.image_size, cfg.data.batch_size)
-        if self._phase is None or self._phase.index != idx:
-            data_cfg = replace(cfg.data, image_size=size, batch_size=bs)
+        ph = phase_at(self.epoch, cfg.data.phases, cfg.data.image_size, cfg.data.batch_size)
+        if self._phase is None or self._phase.index != ph.index:
+            data_cfg = replace(cfg.data, image_size=ph.image_size, batch_size=ph.batch_size)
             loader = make_loader(cfg.data.root, "train", data_cfg, self.device, cfg.run.seed, train=True,
                                  channels_last=cfg.model.channels_last, rank=self.rank, world_size=self.world)
-            self._phase = Phase(idx, size, bs, loader)
+            if self._phase is None:
+                check_phase_batches(cfg.data.phases, len(loader.loader.indices), self.accum)
+            self._phase = Phase(ph.index, ph.image_size, ph.batch_size, loader, **phase_overrides(cfg, ph))
         return self._phase.loader
 
     def micro_batches(self, loader: Any) -> int:
@@ -122,20 +146,35 @@ class Run:
         return self.micro_batches(loader) // self.accum * self.objective.replays
 
     def peak_lr(self) -> float:
-        """optim.lr per ``optim.ref_batch`` images, scaled linearly with the current phase's global batch."""
+        """optim.lr per ``optim.ref_batch`` images, scaled linearly with the current phase's global batch (Goyal et al.
+        2017). The schedule's factor is a function of the fractional epoch, continuous across phases; a phase with
+        another batch size changes the peak lr by the batch ratio at its first step (the lr per image stays
+        continuous), as the progressive-resizing recipes that change the batch do."""
         return self.cfg.optim.lr * self.phase.batch_size * self.world * self.accum / self.cfg.optim.ref_batch
 
     def plan(self, k: int, steps_per_epoch: int) -> StepPlan:
-        """The schedules at optimizer step ``k`` of the current epoch."""
+        """The schedules at optimizer step ``k`` of the current epoch (the attack budget: the phase's, else the
+        run's)."""
         eps, step = self.base_budget
+        ph = self.phase
+        eps = eps if ph.attack_eps is None else ph.attack_eps
+        step = step if ph.attack_step is None else ph.attack_step
         return plan_at(self.cfg, self.epoch, k, steps_per_epoch, self.peak_lr(), eps, step)
 
     def apply(self, plan: StepPlan) -> None:
-        """Set the optimizer's lr and the attack's budget to ``plan``'s."""
+        """Set the optimizer's lr and the attack's budget to ``plan``'s; on a phase's first step (also after a resume)
+        set the attack's iterations and the model's ``PatchDropout`` rate to the phase's (the phases were checked
+        against the model and the attack when the run was built)."""
         for g in self.updater.optimizer.param_groups:
             g["lr"] = plan.lr * g.get("lr_scale", 1.0)  # layer-wise lr decay (optim.layer_decay)
-        if self.cfg.attack.warmup_epochs > 0:
-            self.attack.set_budget(plan.eps, plan.step)
+        ph = self.phase
+        if not ph.applied:
+            if ph.attack_iters is not None:
+                self.attack.iters = ph.attack_iters
+            for m in patch_dropouts(self.model) if ph.token_drop is not None else []:
+                m.prob = ph.token_drop
+            ph.applied = True
+        self.attack.set_budget(plan.eps, plan.step)
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -153,6 +192,8 @@ class Run:
         if self.ema is not None:
             state["model_ema"] = self.ema.state_dict()
         state.update({"attack": self.attack.state_dict(), "augment": self.augment.state_dict() if self.augment else {},
+                      "randaugment": self.randaugment.state_dict() if self.randaugment else {},
+                      "mixing": self.mixing.state_dict() if self.mixing else {},
                       "objective": self.objective.state_dict(), "early_stop": self.stopper.state_dict(),
                       "torch_rng": torch.get_rng_state(), "epoch": epoch, "batch": batch, "step": self.step,
                       "train_seconds": self.train_seconds, "train_images": self.train_images,
@@ -174,6 +215,9 @@ class Run:
         self.attack.load_state_dict(state.get("attack", {}))
         if self.augment is not None:
             self.augment.load_state_dict(state.get("augment", {}))
+        for part, key in ((self.randaugment, "randaugment"), (self.mixing, "mixing")):
+            if part is not None:
+                part.load_state_dict(state.get(key, {}))
         self.objective.load_state_dict(state.get("objective", {}))
         self.stopper.load_state_dict(state.get("early_stop", {}))
         if self.ema is not None:
@@ -307,6 +351,10 @@ def _model(cfg: Config, meta: dict, device: torch.device) -> nn.Module:
             print(f"initialized from {cfg.model.init_from}" + (f" (re-initialized {', '.join(reset)}: another class "
                   f"count)" if reset else ""), file=sys.stderr)
     freeze_parameters(model, cfg.model.freeze)
+    if cfg.schedule.bn_eval_last_epochs > 0:
+        require_batchnorm(model, f"schedule.bn_eval_last_epochs = {cfg.schedule.bn_eval_last_epochs}")
+    if cfg.dist.sync_bn:
+        require_batchnorm(model, "dist.sync_bn")
     if cfg.perf.activation_checkpointing != "off":
         enable_activation_checkpointing(model, attack=cfg.perf.activation_checkpointing == "all")
     if cfg.dist.sync_bn and dist.world_size() > 1:
