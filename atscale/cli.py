@@ -1,6 +1,6 @@
 """``atscale`` command line: data | train | eval | export | plan. Thin: each subcommand parses its arguments without
 torch (:mod:`atscale.cli_args`), then calls one library entry (:mod:`atscale.train`, :mod:`atscale.evaluate`,
-:mod:`atscale.data`, :mod:`atscale.plan`), so ``--help`` and bad arguments answer at once. Every
+:mod:`atscale.data`, :mod:`atscale.planning`), so ``--help`` and bad arguments answer at once. Every
 :class:`atscale.errors.AtscaleError`, bad arguments included, ends as one line on stderr and exit status 2. Top layer:
 nothing imports it."""
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _export(argv: Sequence[str]) -> int:
 
 def _plan(argv: Sequence[str]) -> int:
     a = parse_plan(argv)
-    from atscale.plan import run_plan  # imports torch only to count
+    from atscale.planning import run_plan  # imports torch only to count
 
     return run_plan(a.config, a.overrides, a.gpus, a.kinds, a.mfu, a.images, a.measure, a.measure_batch,
                     a.measure_steps, a.json)

@@ -165,7 +165,7 @@ def parse_export(argv: Sequence[str]) -> argparse.Namespace:
 
 @dataclass
 class PlanArgs:
-    """``atscale plan``'s command line (:mod:`atscale.plan`)."""
+    """``atscale plan``'s command line (:mod:`atscale.planning`)."""
 
     config: str
     overrides: list[str]
@@ -186,7 +186,7 @@ def plan_parser() -> ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/imagenet/r152_iat.yaml)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs the run uses (default 8); wall time = GPU-hours / N")
     p.add_argument("--gpu-kind", action="append", default=[], help="a100 | h100 | h200 | v100 | l40s | ... "
-                   "(repeatable or comma list; default: every kind of atscale.plan.GPU_KINDS)")
+                   "(repeatable or comma list; default: every kind of atscale.planning.GPU_KINDS)")
     p.add_argument("--mfu", type=float, help="model FLOPs utilization assumed (default: the GPU result of "
                    "benchmarks/mfu.py in benchmarks/results/ if any, else 0.35)")
     p.add_argument("--images", type=int, help="training images per epoch (default: meta.json of data.root, else "

@@ -52,7 +52,7 @@ def test_bn_domains_on_a_groupnorm_model_is_an_error(digits_root: Path, tmp_path
     over = tiny_overrides(digits_root, tmp_path, "gn", **{
         "model.kwargs": {"channels": [32, 64, 128, 256], "norm_layer": "groupnorm"},
         "model.bn_domains": ["clean", "adv"], "objective.name": "mbn", "run.max_steps": 1})
-    with pytest.raises(Exception, match="no BatchNorm layers"):
+    with pytest.raises(Exception, match="needs BatchNorm layers.*GroupNorm"):
         main(load_config(None, over))
 
 

@@ -1,4 +1,4 @@
-"""``atscale plan`` (atscale.plan): counted FLOPs per training image against direct FlopCounterMode counts of the same
+"""``atscale plan`` (atscale.planning): counted FLOPs per training image against direct FlopCounterMode counts of the same
 real timm model, PGD-k linear in k, smaller phases cheaper, objectives' update passes, the JSON the CLI prints and
 its one-line errors."""
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from atscale import plan as P
+from atscale import planning as P
 from atscale.cli import main
 from atscale.config import load_config
+from atscale.planning import flops, gpus
 from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def _direct(fn) -> float:
 def test_attack_step_and_forward_match_a_direct_flopcounter_count(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     cost = P.count_phase(cfg, P.phases_of(cfg)[0])
-    model = P._model(cfg, P.phases_of(cfg)[0], torch.device("cpu")).eval()
+    model = flops.phase_model(cfg, P.phases_of(cfg)[0], torch.device("cpu")).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.rand(3, 3, 32, 32, requires_grad=True)
@@ -72,10 +73,10 @@ def test_pgd_k_is_linear_in_k_and_matches_a_real_pgd_k(tmp_path: Path) -> None:
     spec = P.phases_of(cfg)[0]
     cost = P.count_phase(cfg, spec)
     assert cost.attack_fixed == pytest.approx(cost.forward, rel=1e-9)
-    model = P._model(cfg, spec, torch.device("cpu"))
-    objective, _ = P._objective(cfg)
-    x, y = P._batch(cfg, 2, 32, torch.device("cpu"), 10)
-    real6 = P.count_flops(lambda: objective.make_adv(model, P._attack(cfg, spec, 6), x, y)) / 2
+    model = flops.phase_model(cfg, spec, torch.device("cpu"))
+    objective, _ = flops.phase_objective(cfg)
+    x, y = flops.synthetic_batch(cfg, 2, 32, torch.device("cpu"), 10)
+    real6 = P.count_flops(lambda: objective.make_adv(model, flops.phase_attack(cfg, spec, 6), x, y)) / 2
     assert real6 == pytest.approx(cost.attack_fixed + 6 * cost.attack_step, rel=1e-9)
     assert cost.attack_step == pytest.approx(2 * cost.forward, rel=1e-9)  # forward + input-gradient backward
 
@@ -183,7 +184,7 @@ def test_measure_times_real_steps(tmp_path: Path) -> None:
 
 
 def test_measured_mfu_reads_gpu_results_only(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(P, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(gpus, "RESULTS_DIR", tmp_path)
     row = {"model": "resnet50", "ours": {"mfu": 0.4}}
     (tmp_path / "cpu_mfu.json").write_text(json.dumps({"benchmark": "mfu", "device": {"type": "cpu"}, "rows": [row]}))
     assert P.measured_mfu("resnet50") is None
@@ -196,12 +197,12 @@ def test_measured_mfu_reads_gpu_results_only(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_device_names_map_to_gpu_kinds() -> None:
-    assert P._kind_of_device("NVIDIA A100-SXM4-80GB") == "a100"
-    assert P._kind_of_device("NVIDIA A10") == "a10"
-    assert P._kind_of_device("NVIDIA A10G") is None
-    assert P._kind_of_device("NVIDIA H100 80GB HBM3") == "h100"
-    assert P._kind_of_device("NVIDIA H100 PCIe") == "h100-pcie"
-    assert P._kind_of_device("NVIDIA H200") == "h200"
+    assert gpus.kind_of_device("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpus.kind_of_device("NVIDIA A10") == "a10"
+    assert gpus.kind_of_device("NVIDIA A10G") is None
+    assert gpus.kind_of_device("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpus.kind_of_device("NVIDIA H100 PCIe") == "h100-pcie"
+    assert gpus.kind_of_device("NVIDIA H200") == "h200"
 
 
 def test_published_iat_run_implies_a_possible_utilization() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,25 @@ def _fine_tuning_source(cfg, tmp_path: Path) -> list[str]:
             "data.source=digits"]
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
-def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digits_root: Path, tmp_path: Path) -> None:
+def _family(stem: str) -> str:
+    """A preset's family: its name without the model-size or budget suffix (``_b3``, ``_l``, ``_m12``, ``_eps4``)."""
+    return re.sub(r"_(b\d|[bl]|[sml]12|eps\d+)(?=_convstem$|$)", "", stem)
+
+
+def _one_per_family() -> list:
+    """Every preset, the first of each family in the default run and its size/budget siblings behind ``slow``: the
+    siblings differ from it only in numbers the config checks above already compare."""
+    seen: set[str] = set()
+    params = []
+    for p in PRESETS:
+        fam = _family(p.stem)
+        params.append(pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if fam in seen else []))
+        seen.add(fam)
+    return params
+
+
+def _twin_keeping_the_papers_elements(preset: Path, digits_root: Path, tmp_path: Path):
+    """Load a preset and its digits twin and check the twin keeps every training element of the paper's recipe."""
     full = load_config(preset)
     over = [f"data.root={digits_root}", f"run.out_dir={tmp_path}", "run.max_steps=1", "data.batch_size=16",
             "log.progress=false", "log.tensorboard=false", "eval.every_epochs=0", "log.every_steps=1",
@@ -73,7 +91,27 @@ def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digi
     assert cfg.schedule.name == full.schedule.name and cfg.schedule.epochs < full.schedule.epochs
     assert len(cfg.data.phases) == len(full.data.phases) and bool(cfg.schedule.bn_eval_last_epochs) == \
         bool(full.schedule.bn_eval_last_epochs)
+    return full, cfg
 
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_twin_keeps_the_papers_elements(preset: Path, digits_root: Path, tmp_path: Path) -> None:
+    _twin_keeping_the_papers_elements(preset, digits_root, tmp_path)
+
+
+def test_families_group_only_size_and_budget_siblings() -> None:
+    assert _family("advprop_efficientnet_b7") == _family("advprop_efficientnet_b0") == "advprop_efficientnet"
+    assert _family("singh2023_convnext_l_convstem") == "singh2023_convnext_convstem"
+    assert _family("fast_r50_eps4") == "fast_r50" and _family("debenedetti2022_xcit_m12") == "debenedetti2022_xcit"
+    assert _family("r50_sat_relu_softgrad_both") != _family("r50_sat_relu_softgrad_attack")
+    assert _family("liu2023_swin_b") == "liu2023_swin" != _family("liu2023_convnext_b")
+    fams = {_family(p.stem) for p in PRESETS}
+    assert sum(not p.marks for p in _one_per_family()) == len(fams)
+
+
+@pytest.mark.parametrize("preset", _one_per_family())
+def test_preset_twin_trains_one_step_with_the_papers_elements(preset: Path, digits_root: Path, tmp_path: Path) -> None:
+    full, cfg = _twin_keeping_the_papers_elements(preset, digits_root, tmp_path)
     res = main(cfg)
     assert res["stopped"] and res["reason"] == "max_steps" and res["step"] == 1
     rows = [json.loads(line) for line in (cfg.run_dir / "log.jsonl").read_text().splitlines()]
