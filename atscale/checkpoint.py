@@ -5,8 +5,8 @@ The state inside a file is :meth:`atscale.training.run.Run.state_dict`'s (the on
 reads the keys every checkpoint holds: ``model`` (and ``model_ema`` when the run kept an average), ``config`` (YAML
 text) and ``meta`` (the dataset's meta.json as text). Files are written to a temporary file in the same folder, fsynced
 and renamed, so a kill mid-save leaves the previous checkpoint intact; they hold only state_dicts, tensors, numbers and
-text, so they load with ``torch.load(weights_only=True)``. Layer: above config, models and distributed; below training
-and evaluation.
+text, so they load with ``torch.load(weights_only=True)``. Layer: above config, models, defenses and distributed; below
+training and evaluation.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from atscale.config import Config, config_from_yaml_text
+from atscale.config import Config, DefenseCfg, config_from_yaml_text
 from atscale.errors import STORAGE_ERRNOS, CheckpointError, ConfigError
 from atscale.fsio import atomic_write_bytes
+from atscale.defenses import build_model
+from atscale.defenses.export import is_defended_export, load_preprocessor
 from atscale.layers.mixture_bn import set_default_domain
-from atscale.models import NormalizedModel, build_from_config
+from atscale.models import NormalizedModel
 
 
 WRITE_ERRNOS = STORAGE_ERRNOS + (errno.EACCES, errno.EPERM)
@@ -170,7 +172,7 @@ def model_from_state(state: dict, where: str | Path, device: torch.device, bn_do
     run kept them (``optim.ema_decay``; what its evaluation and export used), else the raw ones; "raw" or "ema"."""
     cfg = config_from_yaml_text(state["config"])
     meta = json.loads(state["meta"])
-    model = build_from_config(cfg.model, meta["num_classes"]).to(device)
+    model = build_model(cfg.model, cfg.defense, meta["num_classes"]).to(device)
     if weights == "ema" and "model_ema" not in state:
         raise ConfigError(f"checkpoint '{where}' holds no EMA weights (the run had optim.ema_decay = 0)",
                           "use eval.weights=auto or raw")
@@ -228,3 +230,38 @@ def init_from_pretrained(model: NormalizedModel, source: str) -> list[str]:
             "use weights of the same architecture and model.kwargs (only the classifier may differ)")
     net.load_state_dict(state, strict=False)
     return reset
+
+
+def init_defense_from(model: nn.Module, defense: DefenseCfg) -> None:
+    """Initial weights of a defended model's pre-processor (``defense.init_from``: a defended export folder or an
+    atscale checkpoint of a defended run) and of the adversarial transformation's f_b (``defense.base_from``: any
+    ``model.init_from`` source of f_b's architecture and class count)."""
+    if defense.init_from:
+        source = defense.init_from.removeprefix("local-dir:")
+        if is_defended_export(source):
+            pre, spec = load_preprocessor(source)
+            state = pre.state_dict()
+        elif Path(source).is_file() and source.endswith(".pt"):
+            ckpt = load_checkpoint(source)
+            weights = ckpt.get("model_ema", ckpt["model"])
+            state = {k.removeprefix("preprocessor."): v for k, v in weights.items() if k.startswith("preprocessor.")}
+            spec = {"name": config_from_yaml_text(ckpt["config"]).defense.preprocessor}
+        else:
+            raise CheckpointError(f"defense.init_from = '{defense.init_from}' is neither an export folder of a defended "
+                                  "model nor an atscale .pt checkpoint", "give one of those")
+        if spec.get("name") != model.spec["name"] or not state:
+            raise CheckpointError(f"defense.init_from = '{defense.init_from}' holds a '{spec.get('name') or 'no'}' "
+                                  f"pre-processor, this run builds '{model.spec['name']}'",
+                                  "use weights of the same defense.preprocessor and defense.kwargs")
+        try:
+            model.preprocessor.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"defense.init_from = '{defense.init_from}' does not fit defense.kwargs "
+                                  f"{defense.kwargs} ({str(e).splitlines()[1].strip()[:200]})",
+                                  "use the same defense.kwargs as the run that wrote it") from None
+    if defense.base_from:
+        reset = init_from_pretrained(model.preprocessor.base, defense.base_from)
+        if reset:
+            raise CheckpointError(f"defense.base_from = '{defense.base_from}' classifies another number of classes "
+                                  "than this dataset", "train f_b on the same classes (Xiao & Zheng 2020, Sec 3.2)")
+

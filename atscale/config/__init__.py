@@ -4,10 +4,10 @@
 """
 from atscale.config.load import (config_from_yaml_text, from_dict, load_config, parse_override, save_config,
                                  with_overrides)
-from atscale.config.schema import (SPLIT_BN_OBJECTIVES, AttackCfg, Config, DataCfg, DistCfg, EvalCfg, LogCfg,
+from atscale.config.schema import (SPLIT_BN_OBJECTIVES, AttackCfg, Config, DataCfg, DefenseCfg, DistCfg, EvalCfg, LogCfg,
                                    ModelCfg, ObjectiveCfg, OptimCfg, PerfCfg, RunCfg, ScheduleCfg, ShiftCfg)
 from atscale.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataCfg", "ModelCfg", "AttackCfg", "ObjectiveCfg", "OptimCfg", "ScheduleCfg",
+__all__ = ["Config", "ConfigError", "DataCfg", "DefenseCfg", "ModelCfg", "AttackCfg", "ObjectiveCfg", "OptimCfg", "ScheduleCfg",
            "EvalCfg", "ShiftCfg", "LogCfg", "RunCfg", "DistCfg", "PerfCfg", "SPLIT_BN_OBJECTIVES", "load_config",
            "from_dict", "config_from_yaml_text", "save_config", "parse_override", "with_overrides"]

@@ -11,6 +11,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 
 import yaml
 
+from atscale.config.defense import check_defense
 from atscale.config.schema import MIXUP_OBJECTIVES, PHASE_KEYS, SPLIT_BN_OBJECTIVES, Config, DataCfg
 from atscale.config.twins import make_twin
 from atscale.errors import ConfigError
@@ -314,6 +315,7 @@ def _validate(cfg: Config) -> None:
     _check_shift(cfg)
     _check_model(cfg)
     _check_phases(cfg)
+    check_defense(cfg)
     for bad, message in _CONFLICTS:
         if bad(cfg):
             raise ConfigError(message.format(c=cfg))

@@ -1,5 +1,5 @@
 """The typed sections of a run's configuration, declared once: data, model, attack, objective, optim, schedule,
-eval, dist, perf, log, run. Budgets (``eps``, ``step``) are in 0..255 pixel units here; :mod:`atscale.config.units`
+defense, eval, dist, perf, log, run. Budgets (``eps``, ``step``) are in 0..255 pixel units here; :mod:`atscale.config.units`
 converts them. Loading, overrides and validation are :mod:`atscale.config.load`'s.
 """
 from __future__ import annotations
@@ -95,6 +95,33 @@ class ModelCfg:
     # parameter-name prefixes (as in model.named_parameters(), e.g. [net.conv1, net.layer1]) whose weights stay fixed;
     # inputs' gradients still flow through them (the attack sees the whole model), BN statistics still update
     freeze: list[str] = field(default_factory=list)
+
+
+PREPROCESSORS = ("nrp", "hgd_unet", "ape_g", "arn", "adv_transform")
+
+
+@dataclass
+class DefenseCfg:
+    """A pre-processing defense P in front of the classifier of ``model.*``: the defended model is
+    classifier(P(x)) on [0, 1] images, and every attack (training and evaluation) sees the whole of it. JATP and its
+    baselines (Zhou et al., ``zhou-jatp-...``), ARN (Zhou et al. 2021) and the adversarial transformation (Xiao &
+    Zheng 2020). ``preprocessor: ""`` = no defense."""
+
+    preprocessor: Literal["", "nrp", "hgd_unet", "ape_g", "arn", "adv_transform"] = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)  # P's sizes: NRP channels/growth/blocks, U-Net widths, ...
+    # P's initial weights: an export folder of a defended model, or an atscale checkpoint of a defended run
+    init_from: str = ""
+    # which part the optimizer updates; the other stays fixed in eval mode (JATP: preprocessor; JATP': both;
+    # adversarial transformation: classifier). A fixed classifier needs model.init_from (the trained target).
+    train: Literal["both", "preprocessor", "classifier"] = "both"
+    # adversarial transformation (Xiao & Zheng 2020, Sec 3.2, Eq. 3): least-likely targeted PGD on a fixed f_b
+    base_arch: str = "vgg_small"
+    base_kwargs: dict[str, Any] = field(default_factory=dict)
+    base_from: str = ""  # f_b's weights (atscale checkpoint, export folder, .safetensors); "" = untrained f_b
+    delta: float = 51.0  # L-inf range of g in 0..255 units (the paper's 0.2 on [0, 1] pixels)
+    iters: int = 13
+    step: float = 0.0  # 0..255 units; 0 = delta / 6 (the paper's step)
+    seed: int = 0  # g's random starts: stream seed + the call count, so a resumed run draws what an unbroken one would
 
 
 @dataclass
@@ -300,6 +327,7 @@ class PerfCfg:
 class Config:
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
+    defense: DefenseCfg = field(default_factory=DefenseCfg)
     attack: AttackCfg = field(default_factory=AttackCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)

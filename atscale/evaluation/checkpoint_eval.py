@@ -32,6 +32,7 @@ from atscale.evaluation.outputs import robustbench_info, write_outputs
 from atscale.evaluation.shift import evaluate_shift, load_baseline
 from atscale.evaluation.suites import Suite, get_suite
 from atscale.models import NormalizedModel
+from atscale.defenses.export import preprocessor_files
 from atscale.models.export import export_timm
 from atscale.reporting.report import suite_table
 from atscale.run_folder import RunFolder
@@ -208,7 +209,8 @@ def export_checkpoint(path: str | Path, out: str | Path, bn_domain: str = "", ev
     info = robustbench_model_info(cfg, meta, doc, name=Path(path).resolve().parent.parent.name, eval_source=source)
     return export_timm(model, out, mean=cfg.model.mean, std=cfg.model.std, input_size=cfg.data.val_size,
                        crop_pct=cfg.data.val_crop_ratio, label_names=meta.get("classes"),
-                       extra={"checkpoint": str(path), "config": cfg.to_dict()}, robustbench=info)
+                       extra={"checkpoint": str(path), "config": cfg.to_dict()}, robustbench=info,
+                       files=preprocessor_files(model))
 
 
 __all__ = ["evaluate_checkpoint", "export_checkpoint", "check_data_fits", "dataset_name", "eval_loader", "jpeg_root_of",

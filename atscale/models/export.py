@@ -35,11 +35,13 @@ FOREIGN_STALE_S = 24 * 3600  # a temporary export folder of another host (or old
 
 def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input_size: int, crop_pct: float = 0.875,
                 interpolation: str = "bicubic", label_names: list[str] | None = None, extra: dict | None = None,
-                bn_domain: str | None = None, robustbench: dict | None = None) -> Path:
+                bn_domain: str | None = None, robustbench: dict | None = None,
+                files: dict[str, bytes] | None = None) -> Path:
     """Mixture BN models keep one domain as plain BN (``bn_domain``, else each layer's default; Xie thesis Sec 6.4.2,
     AdvProp drops the auxiliary BNs), so plain timm loads the folder. ``robustbench``: RobustBench's model info
     (:func:`atscale.evaluation.model_info.robustbench_model_info`), written as ``robustbench_model_info.json`` in the
-    folder beside the weights."""
+    folder beside the weights. ``files``: more files of the folder by name (a defended model's pre-processor,
+    :func:`atscale.defenses.export.preprocessor_files`), written inside the same atomic swap."""
     out_dir = Path(out_dir)
     net = copy.deepcopy(model.net).to("cpu", memory_format=torch.contiguous_format).eval()
     domains = mixture_domains(net)
@@ -63,6 +65,8 @@ def export_timm(model: NormalizedModel, out_dir: str | Path, *, mean, std, input
             (tmp / "atscale.json").write_text(json.dumps(extra, indent=2))
         if robustbench is not None:
             (tmp / ROBUSTBENCH_INFO).write_text(json.dumps(robustbench, indent=2))
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         finalize_tree(tmp)
         replace_dir(tmp, out_dir)
     finally:

@@ -6,7 +6,7 @@ elementwise ops, BN and softmax uncounted; grouped convolutions' weight gradient
 (``FakeTensorMode``: every op and shape, no arithmetic; real CPU arithmetic where an op has no fake kernel), for each
 ``data.phases`` phase (image size, attack iterations, token drop):
 
-- forward F: one eval-mode forward of the atscale model (``atscale.models.build_from_config``);
+- forward F: one eval-mode forward of the atscale model (``atscale.defenses.build_model``: the defended model when a pre-processor is set);
 - attack: the objective's ``make_adv`` (the training attack of ``attack.*``) with 1 and with 2 iterations; their
   difference is one attack step (about 2F: forward plus input-gradient backward with frozen parameters,
   ``atscale.attacks.base``), and the rest is the attack's fixed part, so k iterations cost fixed + k x step;
@@ -87,12 +87,12 @@ def probe_batch(cfg: Config) -> int:
 
 def phase_model(cfg: Config, spec: PhaseSpec, device):
     """The run's model in train mode, with the phase's token drop (timm ``patch_drop_rate``) when it has one."""
-    from atscale.models import build_from_config
+    from atscale.defenses import build_model
 
     model_cfg = cfg.model
     if spec.token_drop > 0 or "patch_drop_rate" in model_cfg.kwargs:
         model_cfg = replace(model_cfg, kwargs={**model_cfg.kwargs, "patch_drop_rate": spec.token_drop})
-    return build_from_config(model_cfg, num_classes(cfg)).to(device).train()
+    return build_model(model_cfg, cfg.defense, num_classes(cfg)).to(device).train()
 
 
 def phase_attack(cfg: Config, spec: PhaseSpec, iters: int, amp_dtype=None, seed: int = 0):

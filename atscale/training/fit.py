@@ -22,6 +22,7 @@ from atscale.evaluation.evaluator import run_suite
 from atscale.evaluation.model_info import robustbench_model_info
 from atscale.evaluation.outputs import write_outputs
 from atscale.evaluation.suites import get_suite, quick_check_suite
+from atscale.defenses.export import preprocessor_files
 from atscale.models.export import export_timm
 from atscale.reporting.report import plot_training, results_table, write_report
 from atscale.reporting.runlog import RunLog
@@ -243,7 +244,8 @@ def finish(run: Run, log: RunLog | None, summary: dict, t_start: float) -> dict[
                                  input_size=cfg.data.val_size, crop_pct=cfg.data.val_crop_ratio,
                                  label_names=run.meta.get("classes"),
                                  extra={"eval": doc["results"], "config": cfg.to_dict()},
-                                 robustbench=robustbench_model_info(cfg, run.meta, doc, eval_source=str(paths["json"])))
+                                 robustbench=robustbench_model_info(cfg, run.meta, doc, eval_source=str(paths["json"])),
+                                 files=preprocessor_files(run.eval_model))
     log.close()
     plots = [paths[k] for k in ("iterations_plot", "eps_plot") if paths.get(k)]
     plots += [p for p in [plot_training(cfg.run_dir / "log.jsonl", cfg.run_dir / "training.png")] if p]

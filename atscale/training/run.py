@@ -20,8 +20,8 @@ from torch import nn
 
 from atscale import distributed as dist
 from atscale.attacks import build_attack
-from atscale.checkpoint import (CheckpointDir, init_from_pretrained, load_checkpoint, load_model_state,
-                                save_checkpoint)
+from atscale.checkpoint import (CheckpointDir, init_defense_from, init_from_pretrained, load_checkpoint,
+                                load_model_state, save_checkpoint)
 from atscale.config import Config, config_from_yaml_text, save_config
 from atscale.config.diff import config_changes, describe_changes
 from atscale.data import ensure_dataset, make_loader
@@ -31,7 +31,7 @@ from atscale.errors import CheckpointError, ConfigError
 from atscale.layers.checkpointing import enable_activation_checkpointing
 from atscale.layers.context import set_stochastic_attack
 from atscale.layers.sync_bn import convert_sync_bn
-from atscale.models import build_from_config
+from atscale.defenses import build_model
 from atscale.models.factory import require_batchnorm
 from atscale.run_folder import RunFolder
 from atscale.runtime import compile_model, resolve_amp, set_backend_flags
@@ -344,12 +344,17 @@ def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
 
 def _model(cfg: Config, meta: dict, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.run.seed)
-    model = build_from_config(cfg.model, meta["num_classes"])
+    model = build_model(cfg.model, cfg.defense, meta["num_classes"])
     if cfg.model.init_from:  # a resume then loads its checkpoint over these
         reset = init_from_pretrained(model, cfg.model.init_from)
+        if reset and cfg.defense.train == "preprocessor":
+            raise CheckpointError(f"model.init_from = '{cfg.model.init_from}' is the fixed target of the defense, but "
+                                  f"it classifies another number of classes than this dataset ({meta['num_classes']})",
+                                  "give the target trained on these classes")
         if dist.rank() == 0:
             print(f"initialized from {cfg.model.init_from}" + (f" (re-initialized {', '.join(reset)}: another class "
                   f"count)" if reset else ""), file=sys.stderr)
+    init_defense_from(model, cfg.defense)
     freeze_parameters(model, cfg.model.freeze)
     if cfg.schedule.bn_eval_last_epochs > 0:
         require_batchnorm(model, f"schedule.bn_eval_last_epochs = {cfg.schedule.bn_eval_last_epochs}")
