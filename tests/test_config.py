@@ -25,7 +25,7 @@ def test_resolved_config_round_trips_through_yaml() -> None:
 
 @pytest.mark.parametrize("override, pattern", [
     (["attack.epss=8"], r"unknown config key 'attack.epss'; allowed keys here: name, eps, step"),
-    (["atack.eps=8"], r"unknown config key 'atack'; allowed keys here: data, model, attack"),
+    (["atack.eps=8"], r"unknown config key 'atack'; allowed keys here: data, model, defense, attack"),
     (["attack.iters=three"], r"'attack.iters' = 'three' is invalid: expected int"),
     (["attack.iters=2.5"], r"'attack.iters' = 2.5 is invalid: expected int"),
     (["attack.targeted=maybe"], r"'attack.targeted' = 'maybe' is invalid: expected bool"),

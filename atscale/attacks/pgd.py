@@ -17,6 +17,8 @@ Budgets here are fractions of the [0, 1] pixel range; configs give 0..255 units 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +27,21 @@ from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
 from atscale.attacks.geometry import check_norm, direction, project, random_in_ball
 from atscale.attacks.losses import check_target_mode, least_likely_targets, random_targets
 
-__all__ = ["PGD", "AttackResult"]
+__all__ = ["PGD", "AttackResult", "signed_ascent"]
+
+
+def signed_ascent(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: torch.Tensor, eps: float,
+                  step: float, iters: int) -> torch.Tensor:
+    """L-inf PGD on any per-example objective: ``iters`` steps ``z <- proj(z + step * sign(grad sum(loss_fn(z))))``
+    from ``start``, projected on the eps-ball around ``x`` and [0, 1]. For losses other than the classification ones of
+    :class:`PGD` (TRADES' KL, Zhang et al. 2019; JATP's feature distance, Zhou et al. Eq. 5). The caller holds the
+    model in :func:`atscale.attacks.base.attack_mode`."""
+    z = start.detach()
+    for _ in range(iters):
+        z.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(z).sum(), z)
+        z = project(z.detach() + step * grad.sign(), x, eps, "linf")
+    return z.detach()
 
 
 class PGD(SeededAttack):

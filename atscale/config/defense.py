@@ -1,7 +1,7 @@
 """Load-time checks of the ``defense`` section (pre-processing defenses: JATP, ARN, adversarial transformation)."""
 from __future__ import annotations
 
-from atscale.config.schema import Config, DefenseCfg
+from atscale.config.schema import PREPROCESSOR_OBJECTIVES, Config, DefenseCfg
 from atscale.errors import ConfigError
 
 __all__ = ["check_defense"]
@@ -11,8 +11,10 @@ _BASE_KEYS = ("base_arch", "base_kwargs", "base_from", "delta", "iters", "step",
 
 def check_defense(cfg: Config) -> None:
     d, default = cfg.defense, DefenseCfg()
+    _check_objective(cfg)
     if not d.preprocessor:
-        set_keys = [k for k in ("kwargs", "init_from", "train", *_BASE_KEYS) if getattr(d, k) != getattr(default, k)]
+        set_keys = [k for k in ("kwargs", "init_from", "train", "feature_layer", *_BASE_KEYS)
+                    if getattr(d, k) != getattr(default, k)]
         if set_keys:
             raise ConfigError(f"defense.{set_keys[0]} is set but defense.preprocessor is empty",
                               "name a pre-processor (nrp, hgd_unet, ape_g, arn, adv_transform) or drop the defense keys")
@@ -35,3 +37,27 @@ def check_defense(cfg: Config) -> None:
     if cfg.model.bn_domains:
         raise ConfigError("model.bn_domains (Mixture BN) with a pre-processing defense is not supported",
                           "drop model.bn_domains or defense.preprocessor")
+
+
+def _check_objective(cfg: Config) -> None:
+    """The pre-processor objectives (JATP, its static-example twin, HGD) need a trainable pre-processor network."""
+    name, d = cfg.objective.name, cfg.defense
+    if name not in PREPROCESSOR_OBJECTIVES:
+        return
+    if d.preprocessor in ("", "adv_transform"):
+        raise ConfigError(f"objective.name = {name} trains a pre-processor, but defense.preprocessor = "
+                          f"{d.preprocessor!r}", "set defense.preprocessor to nrp, hgd_unet, ape_g or arn")
+    allowed = ("preprocessor", "both") if name == "jatp" else ("preprocessor",)
+    if d.train not in allowed:
+        raise ConfigError(f"objective.name = {name} with defense.train = {d.train}: expected "
+                          f"{' or '.join(allowed)}", "JATP' (joint) is jatp with defense.train=both; the baselines "
+                          "train the pre-processor against a fixed target")
+    if name != "hgd" and not d.feature_layer:
+        raise ConfigError(f"objective.name = {name} compares feature maps of the target (JATP Eq. 5, 8), but "
+                          "defense.feature_layer is empty", "name a module of the classifier, e.g. layer3.1.conv2 "
+                          "for a ResNet-18")
+    if cfg.attack.name == "none" or (name == "jatp" and cfg.attack.name != "pgd"):
+        raise ConfigError(f"objective.name = {name} with attack.name = {cfg.attack.name}: its adversarial examples "
+                          "come from " + ("PGD (attack.eps / step / iters drive Eq. 5)" if name == "jatp" else
+                                          "the training attack on the target"), "use attack.name=pgd")
+

@@ -15,6 +15,9 @@ import yaml
 SPLIT_BN_OBJECTIVES: dict[str, tuple[str, ...]] = {"mbn": ("clean", "adv"), "advprop": ("clean", "adv"),
                                                    "advprop_fg": ("clean", "aug", "adv")}
 
+# the objectives that train a pre-processor against a target (atscale.training.preprocessor_objectives)
+PREPROCESSOR_OBJECTIVES = ("jatp", "nrp_static", "hgd")
+
 # the objectives whose losses are cross-entropies, so they take Mixup / CutMix soft targets
 MIXUP_OBJECTIVES = ("madry", "clean", "mixed", "ratio", "alp", "mbn", "advprop")
 
@@ -122,6 +125,9 @@ class DefenseCfg:
     iters: int = 13
     step: float = 0.0  # 0..255 units; 0 = delta / 6 (the paper's step)
     seed: int = 0  # g's random starts: stream seed + the call count, so a resumed run draws what an unbroken one would
+    # the classifier's module whose feature map JATP's Eq. 5 / 8 compare (HGD: its guiding layer, "" = the logits);
+    # a name of model.named_modules() of the timm net, e.g. layer3.1.conv2 for a ResNet-18
+    feature_layer: str = ""
 
 
 @dataclass
@@ -158,10 +164,13 @@ class ObjectiveCfg:
     mbn and advprop need model.bn_domains: [clean, adv]; advprop_fg [clean, aug, adv] and data.autoaugment.
     Peers: ratio = 100% adv + clean_ratio of the clean images (Sec 6.4.1, Fig 6.1); alp = mixed + alp_weight x logit
     pairing (Kannan et al.); trades (Zhang et al., trades_beta); mart (Wang et al., mart_lambda); free = minibatch
-    replay free_replays times (Shafahi et al.). "Fast" training is madry with attack.name fgsm (Wong et al.)."""
+    replay free_replays times (Shafahi et al.). "Fast" training is madry with attack.name fgsm (Wong et al.).
+    Pre-processor training (defense.preprocessor; atscale.training.preprocessor_objectives): jatp (Zhou et al., full
+    adversarial examples; jatp_alpha, jatp_beta), nrp_static (the same loss on static examples of the target) and hgd
+    (Liao et al. 2018, representation-guided L1)."""
 
     name: Literal["madry", "mixed", "mbn", "advprop", "advprop_fg", "clean", "ratio", "alp", "trades", "mart",
-                  "free"] = "madry"
+                  "free", "jatp", "nrp_static", "hgd"] = "madry"
     clean_weight: float = 0.5
     label_smoothing: float = 0.1
     clean_ratio: float = 1.0
@@ -169,6 +178,8 @@ class ObjectiveCfg:
     trades_beta: float = 6.0
     mart_lambda: float = 6.0
     free_replays: int = 4
+    jatp_alpha: float = 5.0  # JATP Eq. 9: weight of the feature-similarity term
+    jatp_beta: float = 3.0  # JATP Eq. 10: weight of the pixel loss ||P(x*) - x||_2
 
 
 @dataclass

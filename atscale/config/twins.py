@@ -1,4 +1,4 @@
-"""Small-scale twins of the published protocols in ``configs/imagenet/``.
+"""Small-scale twins of the published protocols in ``configs/imagenet/`` and ``configs/cifar10/``.
 
 A twin keeps everything that defines a protocol: the objective, the training attack (norm, eps, step, iterations,
 targets, starts), the architecture family and its paper elements (activation, denoising blocks, BN domains, BN
@@ -12,6 +12,7 @@ training, their attack and token-drop settings, and sizes relative to 32 px, und
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 from atscale.config.schema import Config
@@ -45,6 +46,8 @@ def _family(arch: str) -> str:
         return "xcit"
     if "resne" in arch:
         return "resnet"
+    if arch == "vgg_small":
+        return "vgg_small"
     return ""
 
 
@@ -57,7 +60,8 @@ def _twin_model(cfg: Config) -> None:
     to ``dims[0]``, so it shrinks with the twin): one block per stage, 16..128 channels. Swin: 4 px patches, 4 px
     windows (shifted in the 8x8 first stage), 16..128 channels, 2 blocks per stage. ViT / DeiT / DeiT-III: 8 px
     patches, width 64, 2 blocks, 2 heads, ``dynamic_img_size`` so phases can change the resolution. XCiT: 8 px patches
-    (its conv patch embedding takes 8 or 16), width 32, 2 blocks, 4 heads, its 2 class-attention layers.
+    (its conv patch embedding takes 8 or 16), width 32, 2 blocks, 4 heads, its 2 class-attention layers. vgg_small
+    (f_b of the adversarial transformation): a quarter of its widths.
     """
     arch, kwargs = cfg.model.arch, dict(cfg.model.kwargs)
     family = _family(arch)
@@ -69,12 +73,14 @@ def _twin_model(cfg: Config) -> None:
         kwargs.update(_RESNET_TWIN)
         if "group" in str(kwargs.get("norm_layer", "")).lower():
             kwargs["channels"] = _GROUPNORM_CHANNELS
+    elif family == "vgg_small":
+        kwargs["widths"] = _quarter(kwargs.get("widths", (32, 64, 128)))
     elif family:
         kwargs.update({"convnext": _CONVNEXT_TWIN, "swin": _SWIN_TWIN, "vit": _VIT_TWIN, "xcit": _XCIT_TWIN}[family])
     else:
         raise ConfigError(f"no digits twin for model.arch = '{arch}'",
                           "twins exist for ResNet / ResNeXt / WideResNet (including atscale's registered variants), "
-                          "EfficientNet, ConvNeXt (and _convstem), Swin, ViT / DeiT and XCiT presets")
+                          "EfficientNet, ConvNeXt (and _convstem), Swin, ViT / DeiT, XCiT and vgg_small presets")
     cfg.model.kwargs = kwargs
     cfg.model.mean, cfg.model.std, cfg.model.num_classes = [0.5] * 3, [0.5] * 3, 0
 
@@ -82,23 +88,55 @@ def _twin_model(cfg: Config) -> None:
 FINE_TUNING_DIGITS = [5, 6, 7, 8, 9]
 
 
-def _fine_tuning_twin(t: Config, root: str) -> None:
-    """A fine-tuning preset's twin fine-tunes the twin of its source on a new task, the digits 5-9 (a 5-class head):
-    ``model.init_from`` pointing into a run folder ``runs/<name>/...`` becomes ``runs/<name>_digits/...``, the twin
-    run of that preset (train it first with ``--twin digits``)."""
-    if not t.model.init_from:
-        return
-    prefix = "local-dir:" if t.model.init_from.startswith("local-dir:") else ""
-    path = Path(t.model.init_from[len(prefix):])
+def _twin_source(t: Config, source: str) -> str:
+    """A weights source inside a run folder, ``runs/<name>/...``, becomes ``runs/<name>_digits/...``: the twin run of
+    that preset (train it first with ``--twin digits``)."""
+    if not source:
+        return source
+    prefix = "local-dir:" if source.startswith("local-dir:") else ""
+    path = Path(source[len(prefix):])
     parts = path.parts
     runs = t.run.out_dir.rstrip("/").split("/")[-1] or "runs"
     if runs in parts and parts.index(runs) + 1 < len(parts):
         i = parts.index(runs) + 1
         path = Path(*parts[:i], f"{parts[i]}_digits", *parts[i + 1:])
-    t.model.init_from = f"{prefix}{path}"
+    return f"{prefix}{path}"
+
+
+def _fine_tuning_twin(t: Config, root: str) -> None:
+    """A fine-tuning preset's twin fine-tunes the twin of its source (:func:`_twin_source`) on a new task, the digits
+    5-9 (a 5-class head)."""
+    if not t.model.init_from or t.defense.preprocessor:
+        return
+    t.model.init_from = _twin_source(t, t.model.init_from)
     t.data.digits_classes = list(FINE_TUNING_DIGITS)
     t.data.root = f"{root}_{FINE_TUNING_DIGITS[0]}to{FINE_TUNING_DIGITS[-1]}"
     t.model.freeze = []  # the source's parameter names differ from the twin's
+
+
+# the size arguments of the pre-processor networks a defense twin divides by 4 (atscale.models.preprocessors)
+_PREPROCESSOR_SIZES = ("channels", "growth", "widths", "code")
+
+
+def _quarter(value):
+    return [max(4, int(v) // 4) for v in value] if isinstance(value, (list, tuple)) else max(4, int(value) // 4)
+
+
+def _defense_twin(t: Config, family: str) -> None:
+    """A defense preset's twin: the same pre-processor with a quarter of the widths (NRP keeps its block count), f_b
+    with a quarter of its widths, the target / f_b / pre-processor sources mapped to their twin runs
+    (:func:`_twin_source`), and a ResNet feature layer ``layerN.<i>.<conv>`` moved to the twin's one block per stage,
+    ``layerN.0.<conv>`` (JATP Eq. 5: the last convolution of that stage stays the tapped one)."""
+    d = t.defense
+    if not d.preprocessor:
+        return
+    t.model.init_from = _twin_source(t, t.model.init_from)
+    d.init_from, d.base_from = _twin_source(t, d.init_from), _twin_source(t, d.base_from)
+    d.kwargs = {k: _quarter(v) if k in _PREPROCESSOR_SIZES else v for k, v in d.kwargs.items()}
+    if d.preprocessor == "adv_transform":
+        d.base_kwargs = {**d.base_kwargs, "widths": _quarter(d.base_kwargs.get("widths", (32, 64, 128)))}
+    if family == "resnet":
+        d.feature_layer = re.sub(r"^(layer\d+)\.\d+\.", r"\1.0.", d.feature_layer)
 
 
 def digits_twin(cfg: Config, root: str = "data/digits") -> Config:
@@ -133,6 +171,7 @@ def digits_twin(cfg: Config, root: str = "data/digits") -> Config:
         phases[-1]["until_epoch"] = TWIN_EPOCHS
     d.phases = phases
     _fine_tuning_twin(t, root)
+    _defense_twin(t, _family(cfg.model.arch))
     e = t.eval
     e.preprocess, e.jpeg_root, e.image_list = "ffcv", "", ""  # digits have no val JPEGs
     e.steps = sorted({min(k, 20) for k in e.steps})

@@ -51,6 +51,12 @@ class DefendedModel(NormalizedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(self.preprocessor(x)))
 
+    def classifier_view(self) -> NormalizedModel:
+        """The classifier alone, normalize -> net, sharing this model's weights: what *static* (oblivious)
+        adversarial examples attack (Zhou et al., JATP Sec 2.2, Eq. 2)."""
+        mean, std = self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist()
+        return NormalizedModel(self.net, mean, std).to(self.normalize.mean.device)
+
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         """P(x): the pre-processed images the classifier sees."""
         return self.preprocessor(x)

@@ -58,7 +58,8 @@ import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.resnet import Bottleneck, ResNet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
 
 from atscale.layers.activations import ACTIVATIONS, get_act_layer
 from atscale.layers.denoise import DENOISE_OPS, NONLOCAL_OPS, PLACEMENTS, insert_denoise, make_denoise_op
@@ -86,6 +87,7 @@ _NOT_MODEL_ARGS = frozenset(RUNTIME_KWARGS + ("device", "dtype", "pretrained_mod
                                               "pretrained_cfg_overlay", "cache_dir"))
 
 DENOISE_PAPER, SAT_PAPER, DEEP_PAPER = "arXiv:1812.03411", "arXiv:2006.14536", "arXiv:1906.03787"
+CIFAR_PAPER = "arXiv:1512.03385"
 
 
 class AtscaleResNet(ResNet):
@@ -100,8 +102,13 @@ class AtscaleResNet(ResNet):
 
     def __init__(self, *args: Any, denoise_op: str | None = None, denoise_placement: str = "stage_end",
                  denoise_embed: bool | None = None, denoise_subsample: bool = False, denoise_use_conv: bool = True,
-                 denoise_residual: bool = True, denoise_fused: bool = True, **kwargs: Any) -> None:
+                 denoise_residual: bool = True, denoise_fused: bool = True, cifar_stem: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if cifar_stem:  # CIFAR ResNets (He et al. 2016 Sec 4.2; the JATP / ARN targets): 3x3 stride-1, no max-pool
+            width = self.conv1.out_channels
+            self.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
         self.denoise_op = denoise_op
         if denoise_op is not None:
             block_kwargs: dict[str, Any] = {"embed": denoise_embed, "subsample": denoise_subsample,
@@ -235,6 +242,10 @@ _SPECS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "resnext152_32x8d": (_resnext(R152, 8), _cfg(SAT_PAPER, **_SAT_380),
                          "ResNeXt-152 32x8d with ReLU at 380, standard adversarial training baseline (Xie thesis Sec "
                          "5.5.1)."),
+    "resnet18_cifar": ({"block": BasicBlock, "layers": (2, 2, 2, 2), "cifar_stem": True},
+                       _cfg(CIFAR_PAPER, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0),
+                       "ResNet-18 with the CIFAR stem (3x3 stride-1 convolution, no max-pool), the target network of "
+                       "JATP and ARN (Zhou et al.) and f_a of Xiao & Zheng 2020."),
     "resnet338": (_resnet(DEEP_RESNET_LAYERS["resnet338"]), _cfg(DEEP_PAPER),
                   "ResNet-338, 112 bottlenecks (Xie thesis Sec 6.5; per-stage counts: DEEP_RESNET_LAYERS)."),
     "resnet638": (_resnet(DEEP_RESNET_LAYERS["resnet638"]), _cfg(DEEP_PAPER),

@@ -113,7 +113,8 @@ def phase_objective(cfg: Config, seed: int = 0, counting: bool = False):
     augment = AutoAugmentBatch(cfg.data.autoaugment, seed) if cfg.data.autoaugment != "none" else None
     if counting and augment is not None:
         augment = _identity
-    return build_objective(cfg.objective, augment), (augment if cfg.objective.name != "advprop_fg" else None)
+    keep = augment if cfg.objective.name != "advprop_fg" else None
+    return build_objective(cfg.objective, augment, cfg.defense), keep
 
 
 def _identity(x):

@@ -16,59 +16,17 @@ smoothing enters the loss once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import attack_mode
 from atscale.attacks.geometry import project
+from atscale.attacks.pgd import signed_ascent
+from atscale.config.schema import PREPROCESSOR_OBJECTIVES
 from atscale.layers.context import domain, domain_split
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy against class indices (smoothed by ``label_smoothing``, Szegedy et al. 2016) or against
-    [B, C] soft targets, which carry their smoothing already (timm's ``Mixup`` builds them smoothed; smoothing
-    them again here would apply it twice)."""
-    if y.is_floating_point():
-        if y.shape != logits.shape:
-            raise ValueError(f"soft targets of shape {tuple(y.shape)} for logits of shape {tuple(logits.shape)}")
-        return F.cross_entropy(logits, y)
-    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    logits: torch.Tensor  # logits of the images the accuracy is reported on (adversarial when there are any)
-    clean_logits: torch.Tensor | None = None
-
-
-class Objective:
-    """Base: ``needs_attack`` (False: the engine skips ``make_adv``), ``attack_domain`` (the BN domain the attack
-    runs through; None = the model's default)."""
-
-    needs_attack = True
-    attack_domain: str | None = None
-
-    def make_adv(self, model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor):
-        with domain(self.attack_domain):
-            return attack(model, x, y)
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv, y: torch.Tensor) -> StepOutput:
-        raise NotImplementedError
-
-    replays = 1  # optimizer steps per micro-batch ("free" training replays each minibatch m times)
-
-    def after_backward(self) -> None:
-        """Called after each backward (free training reads the input gradient here)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+from atscale.training.objective_base import Objective, StepOutput, boosted_cross_entropy, cross_entropy
+from atscale.training.preprocessor_objectives import build_preprocessor_objective
 
 
 class Madry(Objective):
@@ -162,13 +120,9 @@ class Trades(Objective):
         g = attack.generator(x.device)
         with domain(self.attack_domain), attack_mode(model):
             p_clean = attack._logits(model, x).detach()
-            x_adv = (x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)).clamp(0, 1)
-            for _ in range(attack.iters):
-                x_adv.requires_grad_(True)
-                loss = kl_rows(p_clean, attack._logits(model, x_adv)).sum()
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = project(x_adv.detach() + attack.step * grad.sign(), x, attack.eps, "linf")
-        return x_adv.detach()
+            start = (x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)).clamp(0, 1)
+            return signed_ascent(lambda z: kl_rows(p_clean, attack._logits(model, z)), x, start, attack.eps,
+                                 attack.step, attack.iters)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
@@ -186,9 +140,7 @@ class Mart(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
         clean, adv = model(torch.cat([x, x_adv])).float().chunk(2)
-        p_adv = F.softmax(adv, 1)
-        wrong = p_adv.scatter(1, y[:, None], float("-inf")).amax(1)
-        bce = F.cross_entropy(adv, y) - torch.log((1.0 - wrong).clamp_min(1e-12)).mean()
+        bce = boosted_cross_entropy(adv, y)
         p_true_clean = F.softmax(clean, 1).gather(1, y[:, None]).squeeze(1)
         loss = bce + self.lam * (kl_rows(clean, adv) * (1.0 - p_true_clean)).mean()
         return StepOutput(loss, adv, clean)
@@ -295,8 +247,11 @@ class FineGrainedAdvProp(Objective):
 
 
 
-def build_objective(cfg, augment=None):
-    """The objective of ``objective.*``; ``augment`` is the AutoAugment batch transform (fine-grained AdvProp)."""
+def build_objective(cfg, augment=None, defense=None):
+    """The objective of ``objective.*``; ``augment`` is the AutoAugment batch transform (fine-grained AdvProp);
+    ``defense`` the ``defense`` section (pre-processor objectives: :mod:`.preprocessor_objectives`)."""
+    if cfg.name in PREPROCESSOR_OBJECTIVES:
+        return build_preprocessor_objective(cfg, defense)
     ls = cfg.label_smoothing
     simple = {"ratio": lambda: CleanRatio(cfg.clean_ratio, ls), "alp": lambda: LogitPairing(cfg.alp_weight,
               cfg.clean_weight, ls), "trades": lambda: Trades(cfg.trades_beta, ls), "mart": lambda: Mart(cfg.mart_lambda),

@@ -91,7 +91,11 @@ class Run:
         check_phases(cfg.data.phases, self.model, cfg.attack.name, self.attack)
         self.augment = AutoAugmentBatch(cfg.data.autoaugment, cfg.run.seed + 7919 * self.rank) \
             if cfg.data.autoaugment != "none" else None
-        self.objective = build_objective(cfg.objective, self.augment)
+        self.objective = build_objective(cfg.objective, self.augment, cfg.defense)
+        try:
+            self.objective.bind(self.model)
+        except ValueError as e:
+            raise ConfigError(str(e), "use a name from model.named_modules() of the classifier") from None
         self.randaugment = RandAugmentBatch(cfg.data.randaugment_ops, cfg.data.randaugment_magnitude,
                                             cfg.run.seed + 7919 * self.rank) if cfg.data.randaugment_ops > 0 else None
         self.mixing = build_mixing(cfg, cfg.model.num_classes or meta["num_classes"], cfg.run.seed + 7927 * self.rank)
