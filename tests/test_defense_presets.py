@@ -15,6 +15,9 @@ from atscale.models.export import export_timm
 from atscale.train import main
 
 PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "cifar10").glob("*.yaml"))
+# one preset per kind of training in the default run; the others differ in numbers and sources the config checks
+# of the test compare, and train behind `slow`
+DEFAULT = ("trades_r18_cifar10", "jatp_nrp_trades_r18", "hgd_trades_r18", "fb_vgg_small_adv", "adv_transform_fb_clean")
 
 
 def test_there_is_a_preset_per_defense_and_control() -> None:
@@ -29,7 +32,8 @@ def _export(model_cfg, folder: Path) -> str:
     return f"local-dir:{folder}"
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+@pytest.mark.parametrize("preset", [pytest.param(p, id=p.stem, marks=[] if p.stem in DEFAULT else [pytest.mark.slow])
+                                    for p in PRESETS])
 def test_defense_preset_twin_trains_one_step(preset: Path, digits_root: Path, tmp_path: Path) -> None:
     full = load_config(preset)
     over = [f"data.root={digits_root}", f"run.out_dir={tmp_path}", "run.max_steps=1", "data.batch_size=16",

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from atscale import distributed as dist
 from atscale.errors import ConfigError
 from atscale.evaluation import sanity
+from atscale.evaluation.adaptive_views import adaptive_view
 from atscale.evaluation.suites import AttackSpec, Suite, build_attack
 from atscale.layers.context import evaluation
 from atscale.runtime import autocast
@@ -177,6 +178,7 @@ def run_suite(model: nn.Module, loader, suite: Suite, *, amp_dtype: torch.dtype 
 def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes, surrogates, opts, desc) -> dict:
     specs = suite.attacks
     attacks = {s.label: build_attack(s, amp_dtype, seed + 1) for s in specs}
+    views = {s.label: adaptive_view(model, s.through) for s in specs}
     device = next(model.parameters()).device
     tally = Tally(specs, suite.aggregates)
     probe: dict = {}
@@ -197,7 +199,7 @@ def _run(model, loader, suite, *, amp_dtype, max_images, seed, progress, probes,
             bar.attack(i)
             t1 = time.perf_counter()
             with torch.enable_grad():
-                res = attacks[s.label].perturb(surrogates.get(s.source, model), x, y)
+                res = attacks[s.label].perturb(surrogates[s.source] if s.source else views[s.label], x, y)
             with autocast(device, amp_dtype):
                 pred = model(res.x_adv).argmax(1)
             tally.seconds[s.label] += time.perf_counter() - t1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -116,32 +116,49 @@ def check_unbounded(results: dict, opts: SanityOptions = SanityOptions()) -> lis
     return flags
 
 
+def _beaten_white_box(results: dict, kinds: tuple[str, ...], opts: SanityOptions,
+                      same_eps: bool) -> Iterator[tuple[str, dict, str, dict]]:
+    """(label, row, white-box label, white-box row) for each row of ``kinds`` clearly more successful than the
+    strongest plain white-box row of its norm and targeting (at the same eps, or an equal or larger bounded one)."""
+    white = _attacks(results, GRADIENT_KINDS)
+    for label, r in _attacks(results, kinds):
+        peers = [(lw, w) for lw, w in white if w.get("norm") == r.get("norm")
+                 and bool(w.get("targeted")) == bool(r.get("targeted"))
+                 and (w["eps"] == r["eps"] if same_eps else r["eps"] <= w["eps"] < UNBOUNDED_EPS)]
+        if peers:
+            lw, w = min(peers, key=lambda p: p[1]["acc"])
+            if r["acc"] < w["acc"] - _tol(opts, min(r["n"], w["n"])):
+                yield label, r, lw, w
+
+
 def check_black_box(results: dict, opts: SanityOptions = SanityOptions()) -> list[Flag]:
     """A black-box or transfer attack beating every white-box attack with the same norm, targeting and an equal or
     larger eps means the white-box gradients are misleading."""
-    flags = []
-    white = _attacks(results, GRADIENT_KINDS)
-    for label, r in _attacks(results, BLACK_BOX_KINDS):
-        peers = [(lw, w) for lw, w in white if w.get("norm") == r.get("norm")
-                 and bool(w.get("targeted")) == bool(r.get("targeted")) and r["eps"] <= w["eps"] < UNBOUNDED_EPS]
-        if not peers:
-            continue
-        lw, w = min(peers, key=lambda p: p[1]["acc"])
-        if r["acc"] < w["acc"] - _tol(opts, min(r["n"], w["n"])):
-            flags.append(Flag("black_box_stronger_than_white_box", "warning",
-                              f"{r['kind']} attack {label} (eps {r['eps']:g}/255) leaves {_pct(r['acc'])} accuracy, "
-                              f"below the strongest white-box attack {lw} (eps {w['eps']:g}/255) at "
-                              f"{_pct(w['acc'])}: the model's gradients mislead the white-box attacks",
-                              {"black_box": label, "white_box": lw, "acc_black_box": r["acc"],
-                               "acc_white_box": w["acc"]}))
-    return flags
+    return [Flag("black_box_stronger_than_white_box", "warning",
+                 f"{r['kind']} attack {label} (eps {r['eps']:g}/255) leaves {_pct(r['acc'])} accuracy, below the "
+                 f"strongest white-box attack {lw} (eps {w['eps']:g}/255) at {_pct(w['acc'])}: the model's gradients "
+                 "mislead the white-box attacks",
+                 {"black_box": label, "white_box": lw, "acc_black_box": r["acc"], "acc_white_box": w["acc"]})
+            for label, r, lw, w in _beaten_white_box(results, BLACK_BOX_KINDS, opts, same_eps=False)]
+
+
+def check_adaptive(results: dict, opts: SanityOptions = SanityOptions()) -> list[Flag]:
+    """An adaptive row (BPDA through a pre-processor, EOT over randomness; Athalye et al. 2018) beating every plain
+    white-box row of its norm, targeting and budget means the plain gradients are obfuscated: only the adaptive
+    number may be reported for this defense (the worst case does that)."""
+    return [Flag("adaptive_stronger_than_white_box", "warning",
+                 f"adaptive attack {label} (through {r.get('through')}) leaves {_pct(r['acc'])} accuracy, below the "
+                 f"strongest plain white-box attack {lw} at {_pct(w['acc'])}: the defense's own gradients are "
+                 "obfuscated (Athalye et al. 2018); report the adaptive or worst-case number",
+                 {"adaptive": label, "white_box": lw, "acc_adaptive": r["acc"], "acc_white_box": w["acc"]})
+            for label, r, lw, w in _beaten_white_box(results, ("adaptive",), opts, same_eps=True)]
 
 
 def check_results(results: dict, opts: SanityOptions = SanityOptions()) -> list[Flag]:
     flags = []
     for axis in ("steps", "restarts", "eps"):
         flags += _sweep_flags(results, axis, opts)
-    return flags + check_unbounded(results, opts) + check_black_box(results, opts)
+    return flags + check_unbounded(results, opts) + check_black_box(results, opts) + check_adaptive(results, opts)
 
 
 def _margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

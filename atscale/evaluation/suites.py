@@ -9,6 +9,8 @@ them is :mod:`atscale.evaluation.evaluator`. Suites (PROTOCOLS.md):
   attack uses eps/10 = 1.6), random start.
 - ``robustbench``: the RobustBench ImageNet track, Linf eps 4/255: clean + AutoAttack "standard" (APGD-CE, APGD-T,
   FAB-T, Square); also writes a RobustBench model-info JSON.
+- ``defense``: pre-processing defenses (issue 14): PGD-40 through the full model, with BPDA and with EOT
+  (:mod:`atscale.evaluation.adaptive_views`), targeted PGD-40, APGD-DLR, TI-BIM, Square and AutoAttack, worst case.
 - ``full``: white-box PGD over steps 1..1000, with restarts, over eps/4..2 eps, AutoAttack, Square (black-box) and an
   unbounded (eps 255) PGD: the sweeps the gradient-masking checks of :mod:`atscale.evaluation.sanity` compare.
 
@@ -28,10 +30,11 @@ from atscale.attacks import ATTACK_NAMES, default_transfer_iters, make_attack
 from atscale.config import EvalCfg
 from atscale.config.units import STEP_RULE, pgd_step, to_fraction
 from atscale.errors import ConfigError
+from atscale.evaluation.adaptive_views import check_through
 
 BLACK_BOX = ("square",)
 _FGSM_FAMILY = ("i-fgsm", "mi-fgsm", "di2-fgsm", "m-di2-fgsm", "ti-fgsm")
-KINDS = ("clean", "white-box", "black-box", "transfer")
+KINDS = ("clean", "white-box", "black-box", "transfer", "adaptive")
 
 
 @dataclass
@@ -55,11 +58,13 @@ class AttackSpec:
     kind: str = ""  # "" = derived: clean | white-box | black-box (Square) | transfer (source set)
     source: str = ""
     kwargs: dict = field(default_factory=dict)  # passed to make_attack
+    through: str = ""  # what the attack differentiates: "" | bpda | eot<N> | bpda+eot<N> (evaluation.adaptive_views)
 
     def __post_init__(self) -> None:
         if not self.kind:
             self.kind = ("clean" if self.attack == "clean" else "transfer" if self.source else
-                         "black-box" if self.attack in BLACK_BOX else "white-box")
+                         "black-box" if self.attack in BLACK_BOX else "adaptive" if self.through else "white-box")
+        check_through(self.through, self.label)
         if self.attack != "clean" and self.attack not in ATTACK_NAMES:
             raise ConfigError(f"suite attack {self.label!r}: unknown attack {self.attack!r}; one of "
                               f"{', '.join(ATTACK_NAMES)} (or clean)")
@@ -102,6 +107,8 @@ class AttackSpec:
             d.update(step=self.step_size, step_rule=STEP_RULE, random_start=self.random_start)
         if self.source:
             d["source"] = self.source
+        if self.through:
+            d["through"] = self.through
         return d
 
 
@@ -176,8 +183,25 @@ def _full(eps: float, step: float, targeted: bool) -> Suite:
                  aggregates={"worst-case": at_eps})
 
 
+def _defense(eps: float, step: float, targeted: bool) -> Suite:
+    """Pre-processing defenses (JATP Sec 4 Table 1 and Fig. 4a; Xiao & Zheng Sec 4; Athalye et al. 2018): white-box
+    attacks through the whole pipeline, the same with P's gradient replaced by the identity (BPDA) and with EOT over
+    the model's randomness, TI-BIM, Square (gradient-free) and AutoAttack; robust = robust to every row."""
+    specs = [AttackSpec("clean", "clean"), _pgd("pgd40", eps, 40, step),
+             _pgd("pgd40-bpda", eps, 40, step, through="bpda"), _pgd("pgd40-eot8", eps, 40, step, through="eot8"),
+             _pgd("pgd40-targeted", eps, 40, step, targeted=True),
+             AttackSpec("apgd-dlr", "apgd-dlr", eps=eps, steps=40), AttackSpec("ti-bim", "ti-fgsm", eps=eps, steps=10,
+                                                                              step=max(step, eps / 10)),
+             AttackSpec("square", "square", eps=eps, steps=1000), AttackSpec("autoattack", "standard", eps=eps,
+                                                                              steps=100)]
+    return Suite("defense", specs, f"pre-processing defenses at eps {eps:g}/255: PGD-40 through the full model, with "
+                                   "BPDA (identity backward through P) and with EOT over 8 draws, targeted PGD-40, "
+                                   "APGD-DLR, TI-BIM, Square and AutoAttack; worst case over all",
+                 aggregates={"worst-case": [s.label for s in specs if s.attack != "clean"]})
+
+
 SUITES: dict[str, Callable[[float, float, bool], Suite]] = {"quick": _quick, "fd": _fd, "robustbench": _robustbench,
-                                                            "full": _full}
+                                                            "full": _full, "defense": _defense}
 FIXED_BUDGET = ("fd", "robustbench")
 SUITE_NAMES = ("run",) + tuple(SUITES)
 
