@@ -17,14 +17,15 @@ from atscale.train import main
 PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "cifar10").glob("*.yaml"))
 # one preset per kind of training in the default run; the others differ in numbers and sources the config checks
 # of the test compare, and train behind `slow`
-DEFAULT = ("trades_r18_cifar10", "jatp_nrp_trades_r18", "hgd_trades_r18", "fb_vgg_small_adv", "adv_transform_fb_clean")
+DEFAULT = ("trades_r18_cifar10", "jatp_nrp_trades_r18", "hgd_trades_r18", "fb_vgg_small_adv", "adv_transform_fb_clean",
+           "arn_trades_r18", "ape_g_trades_r18")
 
 
 def test_there_is_a_preset_per_defense_and_control() -> None:
     names = {p.stem for p in PRESETS}
     assert {"trades_r18_cifar10", "jatp_nrp_trades_r18", "jatp_joint_nrp_trades_r18", "nrp_static_trades_r18",
             "hgd_trades_r18", "fb_vgg_small_clean", "fb_vgg_small_adv", "adv_transform_fb_untrained",
-            "adv_transform_fb_clean", "adv_transform_fb_adv"} <= names
+            "adv_transform_fb_clean", "adv_transform_fb_adv", "arn_trades_r18", "ape_g_trades_r18"} <= names
 
 
 def _export(model_cfg, folder: Path) -> str:

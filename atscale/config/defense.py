@@ -47,17 +47,36 @@ def _check_objective(cfg: Config) -> None:
     if d.preprocessor in ("", "adv_transform"):
         raise ConfigError(f"objective.name = {name} trains a pre-processor, but defense.preprocessor = "
                           f"{d.preprocessor!r}", "set defense.preprocessor to nrp, hgd_unet, ape_g or arn")
+    own = {"ape_g": "ape_g", "arn": "arn"}.get(name)
+    if own and d.preprocessor != own:
+        raise ConfigError(f"objective.name = {name} trains its own network, but defense.preprocessor = "
+                          f"{d.preprocessor!r}", f"use defense.preprocessor={own}")
+    if name == "arn":
+        _check_arn(cfg)
     allowed = ("preprocessor", "both") if name == "jatp" else ("preprocessor",)
     if d.train not in allowed:
         raise ConfigError(f"objective.name = {name} with defense.train = {d.train}: expected "
                           f"{' or '.join(allowed)}", "JATP' (joint) is jatp with defense.train=both; the baselines "
                           "train the pre-processor against a fixed target")
-    if name != "hgd" and not d.feature_layer:
+    if name in ("jatp", "nrp_static") and not d.feature_layer:
         raise ConfigError(f"objective.name = {name} compares feature maps of the target (JATP Eq. 5, 8), but "
                           "defense.feature_layer is empty", "name a module of the classifier, e.g. layer3.1.conv2 "
                           "for a ResNet-18")
-    if cfg.attack.name == "none" or (name == "jatp" and cfg.attack.name != "pgd"):
+    if name != "arn" and (cfg.attack.name == "none" or (name == "jatp" and cfg.attack.name != "pgd")):
         raise ConfigError(f"objective.name = {name} with attack.name = {cfg.attack.name}: its adversarial examples "
                           "come from " + ("PGD (attack.eps / step / iters drive Eq. 5)" if name == "jatp" else
                                           "the training attack on the target"), "use attack.name=pgd")
+
+
+def _check_arn(cfg: Config) -> None:
+    rows = cfg.objective.arn_attacks
+    if cfg.attack.name != "none":
+        raise ConfigError(f"objective.name = arn crafts its examples with objective.arn_attacks, but attack.name = "
+                          f"{cfg.attack.name}", "set attack.name=none and list ARN's seen attacks in "
+                          "objective.arn_attacks")
+    bad = [r for r in rows if not isinstance(r, dict) or not {"attack", "eps", "steps"} <= set(r)]
+    if not rows or bad:
+        raise ConfigError(f"objective.arn_attacks = {rows}: each seen attack needs attack, eps (0..255) and steps",
+                          "e.g. [{attack: pgd, eps: 8, steps: 10, step: 2}, {attack: pgd, norm: l2, eps: 128, "
+                          "steps: 10}]")
 

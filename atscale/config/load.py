@@ -245,7 +245,7 @@ def _check_phases(cfg: Config) -> None:
 
 # (condition, message): combinations of valid values that do not work together
 _CONFLICTS: list[tuple[Any, str]] = [
-    (lambda c: c.objective.name not in ("madry", "clean") and c.attack.name == "none",
+    (lambda c: c.objective.name not in ("madry", "clean", "arn") and c.attack.name == "none",
      "objective.name = {c.objective.name!r} needs an attack; set attack.name to pgd or fgsm"),
     (lambda c: (c.eval.early_stop_patience or c.eval.select_best) and not c.eval.every_epochs,
      "eval.early_stop_patience / eval.select_best watch the quick robust checks, so they need eval.every_epochs >= 1"),

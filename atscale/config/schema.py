@@ -16,7 +16,7 @@ SPLIT_BN_OBJECTIVES: dict[str, tuple[str, ...]] = {"mbn": ("clean", "adv"), "adv
                                                    "advprop_fg": ("clean", "aug", "adv")}
 
 # the objectives that train a pre-processor against a target (atscale.training.preprocessor_objectives)
-PREPROCESSOR_OBJECTIVES = ("jatp", "nrp_static", "hgd")
+PREPROCESSOR_OBJECTIVES = ("jatp", "nrp_static", "hgd", "ape_g", "arn")
 
 # the objectives whose losses are cross-entropies, so they take Mixup / CutMix soft targets
 MIXUP_OBJECTIVES = ("madry", "clean", "mixed", "ratio", "alp", "mbn", "advprop")
@@ -166,11 +166,12 @@ class ObjectiveCfg:
     pairing (Kannan et al.); trades (Zhang et al., trades_beta); mart (Wang et al., mart_lambda); free = minibatch
     replay free_replays times (Shafahi et al.). "Fast" training is madry with attack.name fgsm (Wong et al.).
     Pre-processor training (defense.preprocessor; atscale.training.preprocessor_objectives): jatp (Zhou et al., full
-    adversarial examples; jatp_alpha, jatp_beta), nrp_static (the same loss on static examples of the target) and hgd
-    (Liao et al. 2018, representation-guided L1)."""
+    adversarial examples; jatp_alpha, jatp_beta), nrp_static (the same loss on static examples of the target), hgd
+    (Liao et al. 2018, representation-guided L1), ape_g (APE-GAN) and arn (Zhou et al. 2021; arn_attacks are its K
+    seen attacks, attack.name must be none)."""
 
     name: Literal["madry", "mixed", "mbn", "advprop", "advprop_fg", "clean", "ratio", "alp", "trades", "mart",
-                  "free", "jatp", "nrp_static", "hgd"] = "madry"
+                  "free", "jatp", "nrp_static", "hgd", "ape_g", "arn"] = "madry"
     clean_weight: float = 0.5
     label_smoothing: float = 0.1
     clean_ratio: float = 1.0
@@ -180,6 +181,15 @@ class ObjectiveCfg:
     free_replays: int = 4
     jatp_alpha: float = 5.0  # JATP Eq. 9: weight of the feature-similarity term
     jatp_beta: float = 3.0  # JATP Eq. 10: weight of the pixel loss ||P(x*) - x||_2
+    disc_lr: float = 1.0e-4  # ape_g / arn: Adam lr of the discriminators (ARN Sec 4.1: 1e-4 for all four networks)
+    ape_mse_weight: float = 0.7  # APE-GAN: L_G = 0.7 MSE + 0.3 adversarial
+    ape_adv_weight: float = 0.3
+    arn_lambda1: float = 0.1  # ARN Eq. 7 (MNIST values; CIFAR-10: 100, 10, 100)
+    arn_lambda2: float = 0.01
+    arn_theta: float = 0.1  # ARN Eq. 8
+    # ARN's K seen attacks: suite-style rows {attack, eps (0..255), steps, step, norm}
+    arn_attacks: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"attack": "pgd", "eps": 8, "steps": 10, "step": 2}])
 
 
 @dataclass

@@ -11,7 +11,12 @@ from torch import nn
 
 from atscale.layers.context import domain
 
-__all__ = ["Objective", "StepOutput", "cross_entropy", "boosted_cross_entropy"]
+__all__ = ["Objective", "StepOutput", "cross_entropy", "boosted_cross_entropy", "unwrapped"]
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside a DDP / DeepSpeed training module (the module itself when not wrapped)."""
+    return getattr(module, "module", module)
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -11,6 +11,7 @@ model is T(P(x)), :class:`atscale.defenses.model.DefendedModel`).
   ``defense.train: preprocessor`` T stays fixed (JATP); with ``both`` T and P are updated jointly (JATP').
 - ``nrp_static``: the same network and loss on *static* (oblivious) adversarial examples: the training attack on T
   alone (Sec 2.2, Eq. 2), as the NRP baseline and the "Obl" models of the paper's Fig. 1 are trained.
+- ``ape_g`` and ``arn``: APE-G and ARN, with discriminators (:mod:`atscale.training.gan_objectives`).
 - ``hgd``: HGD (Liao et al. 2018, Sec 3.3, Eq. 2): the representation-guided L1 loss |f_l(P(x*)) - f_l(x)| of the
   fixed target's layer l (``defense.feature_layer``; empty = the logits, the LGD variant), on static adversarial
   examples of T.
@@ -30,14 +31,9 @@ from atscale.attacks.base import attack_mode
 from atscale.attacks.geometry import random_in_ball
 from atscale.attacks.pgd import signed_ascent
 from atscale.layers.taps import check_module_names, tap
-from atscale.training.objective_base import Objective, StepOutput, boosted_cross_entropy
+from atscale.training.objective_base import Objective, StepOutput, boosted_cross_entropy, unwrapped
 
 __all__ = ["JATP", "HGDLoss", "build_preprocessor_objective"]
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """The defended model inside a DDP / DeepSpeed training module."""
-    return getattr(module, "module", module)
 
 
 def _autocast(x: torch.Tensor, attack):
@@ -76,7 +72,7 @@ class JATP(Objective):
             return signed_ascent(feature_distance, x, start, attack.eps, attack.step, attack.iters)
 
     def __call__(self, module: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        with tap(_unwrapped(module), ["preprocessor", self.layer]) as out:
+        with tap(unwrapped(module), ["preprocessor", self.layer]) as out:
             clean, adv = module(torch.cat([x, x_adv])).float().chunk(2)
         f_clean, f_adv = out[self.layer].float().chunk(2)
         purified_adv = out["preprocessor"].float().chunk(2)[1]
@@ -101,7 +97,7 @@ class HGDLoss(Objective):
         return attack(model.classifier_view(), x, y)
 
     def __call__(self, module: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        model = _unwrapped(module)
+        model = unwrapped(module)
         names = [self.layer] if self.layer else []
         with torch.no_grad(), tap(view := model.classifier_view(), names) as out:
             logits = view(x)
@@ -117,4 +113,10 @@ def build_preprocessor_objective(cfg, defense) -> Objective:
     """The objective of ``objective.name`` in :data:`atscale.config.schema.PREPROCESSOR_OBJECTIVES`."""
     if cfg.name == "hgd":
         return HGDLoss(defense.feature_layer)
+    if cfg.name in ("ape_g", "arn"):
+        from atscale.training.gan_objectives import APEGObjective, ARNObjective
+
+        if cfg.name == "ape_g":
+            return APEGObjective(cfg.disc_lr, cfg.ape_mse_weight, cfg.ape_adv_weight)
+        return ARNObjective(cfg.arn_attacks, cfg.arn_lambda1, cfg.arn_lambda2, cfg.arn_theta, cfg.disc_lr)
     return JATP(defense.feature_layer, cfg.jatp_alpha, cfg.jatp_beta, full=cfg.name == "jatp")
