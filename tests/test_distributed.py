@@ -200,6 +200,7 @@ def test_sync_bn_training_step_matches_one_process(digits_root: Path, tmp_path: 
     _assert_same(two, one)
 
 
+@pytest.mark.slow  # the one evaluator's two-rank counting is also checked by test_suite.py (atscale.evaluate, default)
 def test_distributed_eval_counts_every_image_once(digits_root: Path, tmp_path: Path) -> None:
     over = tiny_overrides(digits_root, tmp_path, "ev2", **{**EQUIV, **CLEAN, "run.max_steps": 0,
                                                            "data.batch_size": 32, "eval.steps": [1]})

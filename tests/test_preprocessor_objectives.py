@@ -61,7 +61,7 @@ def test_jatp_loss_is_eq_6_to_10() -> None:
         wrong = max(p_adv[i, k] for k in range(10) if k != y[i])
         bce = -torch.log(p_adv[i, y[i]]) - torch.log(1 - wrong)  # Eq. 7
         fsm = ((f_adv[i] - f_clean[i]) ** 2).mean()  # Eq. 8, MSE
-        pix = torch.sqrt(((purified_adv[i] - x[i]) ** 2).sum())  # Eq. 6
+        pix = ((purified_adv[i] - x[i]) ** 2).mean()  # Eq. 6, per pixel (see the module docstring)
         terms.append(bce + 5.0 * fsm * (1 - p_clean[i, y[i]]) + 3.0 * pix)  # Eq. 9-10
     assert torch.allclose(out.loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
     assert torch.equal(out.logits, adv) and torch.equal(out.clean_logits, clean)

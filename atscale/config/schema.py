@@ -180,7 +180,7 @@ class ObjectiveCfg:
     mart_lambda: float = 6.0
     free_replays: int = 4
     jatp_alpha: float = 5.0  # JATP Eq. 9: weight of the feature-similarity term
-    jatp_beta: float = 3.0  # JATP Eq. 10: weight of the pixel loss ||P(x*) - x||_2
+    jatp_beta: float = 3.0  # JATP Eq. 10: weight of the pixel loss (mean squared pixel difference of P(x*) and x)
     disc_lr: float = 1.0e-4  # ape_g / arn: Adam lr of the discriminators (ARN Sec 4.1: 1e-4 for all four networks)
     ape_mse_weight: float = 0.7  # APE-GAN: L_G = 0.7 MSE + 0.3 adversarial
     ape_adv_weight: float = 0.3

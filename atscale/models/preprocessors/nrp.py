@@ -4,7 +4,9 @@ Adversarial Robustness", CVPR 2020, Sec 3.3; the generator of ESRGAN without its
 JATP (Zhou et al., ``zhou-jatp-...``, Sec 4 "Defense settings") uses this architecture with 3 basic blocks for its own
 pre-processor and for the NRP baseline: ``NRPNet(blocks=3)``. A basic block (``RRDB``) is three dense blocks, each of
 five 3x3 convolutions where every convolution sees the concatenation of all earlier outputs (``growth`` new channels
-each), LeakyReLU 0.2 between them, and every residual branch scaled by 0.2 before it is added.
+each), LeakyReLU 0.2 between them, and every residual branch scaled by 0.2 before it is added. The dense blocks'
+convolutions start from Kaiming initialization scaled by 0.1, as ESRGAN's and NRP's code do, so the deep trunk starts
+close to the identity and SGD at JATP's lr 1e-2 does not blow up.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ class DenseBlock(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(channels + i * growth, growth if i < 4 else channels, 3, padding=1) for i in range(5))
         self.act = nn.LeakyReLU(0.2)
+        for conv in self.convs:  # ESRGAN's initialization of dense blocks: Kaiming (fan-in) scaled by 0.1
+            nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
