@@ -55,7 +55,7 @@ def test_eot_view_averages_draws_of_the_adversarial_transformation() -> None:
 
 
 def test_bad_adaptive_rows_are_refused(trained_digits_model) -> None:
-    with pytest.raises(ConfigError, match="not '', 'bpda', 'eot<N>'"):
+    with pytest.raises(ConfigError, match="not '', 'bpda', 'bpda-smooth', 'eot<N>'"):
         AttackSpec("x", "pgd", eps=8, steps=10, through="eot")
     with pytest.raises(ConfigError, match="needs a pre-processing defense"):
         adaptive_view(trained_digits_model[0], "bpda")
@@ -83,3 +83,22 @@ def test_defense_suite_runs_every_row_on_a_defended_model(trained_digits_model, 
     rows = [lab for lab in r if lab not in ("clean", "worst-case")]
     assert r["worst-case"]["acc"] <= min(r[lab]["acc"] for lab in rows)
     assert {r[lab]["kind"] for lab in rows} == {"white-box", "adaptive", "black-box"}
+
+
+def test_smooth_bpda_follows_g_s_approximation_and_needs_the_transformation() -> None:
+    """tanh for sign, straight-through projection (Athalye et al. Sec 4.1): as sharp as sign it is g itself; at the
+    default sharpness its Jacobian, not the identity, is what the attack follows."""
+    torch.manual_seed(0)
+    fb = create_model("vgg_small", 10, [0.5] * 3, [0.5] * 3, {"widths": [8, 16]}, channels_last=False).eval()
+    net = create_model("resnet18", 10, [0.5] * 3, [0.5] * 3, {"channels": [8, 16, 32, 64]}, channels_last=False)
+    g = AdversarialTransform(fb, 0.2, 3, 0.2 / 6, seed=1)
+    model = DefendedModel(g, net.net, [0.5] * 3, [0.5] * 3, train="classifier").eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(g.smooth(x, call=0, sharpness=1e6), g.transform(x, call=0), atol=1e-6)
+    xs, xi = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    adaptive_view(model, "bpda-smooth")(xs).sum().backward()
+    adaptive_view(model, "bpda")(xi).sum().backward()
+    assert torch.isfinite(xs.grad).all() and not torch.allclose(xs.grad, xi.grad)
+    nrp = DefendedModel(Quantize(4), net.net, [0.5] * 3, [0.5] * 3)
+    with pytest.raises(ConfigError, match="needs the adversarial transformation"):
+        adaptive_view(nrp, "bpda-smooth")

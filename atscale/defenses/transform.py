@@ -20,8 +20,10 @@ matter of repeating calls.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from atscale.attacks.geometry import project, random_in_ball
 from atscale.attacks.pgd import PGD
 
 __all__ = ["AdversarialTransform"]
@@ -53,6 +55,26 @@ class AdversarialTransform(nn.Module):
         with torch.no_grad():
             target = self.base(x).argmin(1)
         return pgd.perturb(self.base, x, target, target=target).x_adv
+
+    def smooth(self, x: torch.Tensor, call: int, sharpness: float = 10.0) -> torch.Tensor:
+        """A differentiable approximation of g for BPDA (Athalye et al. 2018 Sec 4.1; Xiao & Zheng Sec 4.1 attack g
+        through smooth approximations): the same random start and unrolled steps, with ``tanh(sharpness * grad / s)`` in
+        place of ``sign(grad)`` (s: the image's mean absolute gradient, so ``sharpness`` is scale-free), the gradients kept through every step (``create_graph``), and the projection on the
+        delta-box and [0, 1] passed straight through in the backward pass."""
+        gen = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + call)
+        with torch.no_grad():
+            target = self.base(x).argmin(1)
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.detach().requires_grad_(True)
+            z = x + random_in_ball(x, self.delta, "linf", gen)
+            z = z + (z.clamp(0, 1) - z).detach()
+            for _ in range(self.iters):
+                loss = F.cross_entropy(self.base(z), target, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+                scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                z = z - self.step * torch.tanh(sharpness * grad / scale)
+                z = z + (project(z, x, self.delta, "linf") - z).detach()
+        return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.transform(x)
