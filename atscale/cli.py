@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER)
 
     sub.add_parser("eval", help="robustness of a checkpoint: the run's PGD-k list, a named suite (quick | fd | "
-                                "robustbench | full | file), distribution-shift test sets; eval.json, eval.md, plots",
+                                "robustbench | full | defense | file), distribution-shift test sets; eval.json, "
+                                "eval.md, plots",
                    add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("export", help="export a checkpoint to a folder that timm.create_model('local-dir:...') loads",
                    add_help=False).add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,6 +1,6 @@
-"""The typed sections of a run's configuration, declared once: data, model, attack, objective, optim, schedule,
-defense, eval, dist, perf, log, run. Budgets (``eps``, ``step``) are in 0..255 pixel units here; :mod:`atscale.config.units`
-converts them. Loading, overrides and validation are :mod:`atscale.config.load`'s.
+"""The typed sections of a run's configuration, declared once: data, model, defense, attack, objective, optim,
+schedule, eval, dist, perf, log, run. Budgets (``eps``, ``step``) are in 0..255 pixel units here;
+:mod:`atscale.config.units` converts them. Loading, overrides and validation are :mod:`atscale.config.load`'s.
 """
 from __future__ import annotations
 
@@ -263,7 +263,8 @@ class EvalCfg:
     targeted: bool = True
     random_start: bool = True
     max_images: int = 0  # 0 = the whole val set
-    suite: str = ""  # final evaluation: "" = the run's PGD-k list; quick | fd | robustbench | full | path.yaml
+    # final evaluation: "" = the run's PGD-k list; quick | fd | robustbench | full | defense | path.yaml
+    suite: str = ""
     every_epochs: int = 1  # quick clean + PGD check on a val subset during training, 0 = off
     quick_images: int = 512
     quick_steps: int = 10
