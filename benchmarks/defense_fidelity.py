@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     partial = out.with_suffix(".runs.jsonl")
     rows = [r for r in (json.loads(line) for line in partial.read_text().splitlines())
             if r["epochs"] == args.epochs] if partial.exists() else []
+    rows = list({(r["label"], r["seed"]): r for r in rows}.values())  # a rerun's row replaces an earlier one
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [] if args.report_only else seeds:
