@@ -68,7 +68,7 @@ def add_eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("overrides", nargs="*", help="eval.* / data.* / run.* / log.* / perf.* overrides, e.g. eval.eps=8")
     e.add_argument("--checkpoint")
     e.add_argument("--suite", help="run (the run's own PGD-k list, default) | quick | fd | robustbench | full | "
-                                   "defense, or a .yaml/.json file of attack rows  [eval.suite]")
+                                   "defense | unseen, or a .yaml/.json file of attack rows  [eval.suite]")
     e.add_argument("--attacks", help="the run suite's PGD-k list, e.g. pgd10,pgd100  [eval.steps]")
     e.add_argument("--eps", type=float, help="budget in 0..255 pixel units  [eval.eps]")
     e.add_argument("--step", type=float, help="PGD step in 0..255 units; PGD-k steps by max(step, eps/k)  [eval.step]")

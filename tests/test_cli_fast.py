@@ -79,3 +79,13 @@ def test_import_atscale_is_light_and_models_register() -> None:
             "timm.create_model('resnet50_silu', channels=[8, 16, 32, 64], num_classes=3)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_eval_help_names_every_suite() -> None:
+    """The help is written before torch loads, so it cannot read the suite registry: this keeps the two in step."""
+    from atscale.evaluation.suites import SUITE_NAMES
+
+    sub = subprocess.run([sys.executable, "-m", "atscale", "eval", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    text = " ".join(sub.stdout.split())
+    assert all(f" {name} " in text or f" {name}," in text for name in SUITE_NAMES), (SUITE_NAMES, text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +133,16 @@ def test_arn_run_resumes_exactly_with_its_discriminators(digits_root: Path, tmp_
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     da, db = a["objective"]["disc"]["nets"], b["objective"]["disc"]["nets"]
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_arn_seen_attacks_take_the_papers_types_in_their_own_units() -> None:
+    """defense_PP (PGD_N + PGD_T), defense_DP (DDN_N) and the STA ablation (Zhou et al. 2021 Sec 4.2)."""
+    from atscale.attacks import DDN, PGD, STA
+
+    obj = ARNObjective([{"attack": "pgd", "eps": 8, "steps": 3, "step": 2, "targeted": True},
+                        {"attack": "ddn", "eps": 127.5, "steps": 3}, {"attack": "sta", "eps": 1.0, "steps": 3}],
+                       0.1, 0.01, 0.1)
+    pgd, ddn, sta = obj.attacks
+    assert isinstance(pgd, PGD) and pgd.targeted and pgd.eps == pytest.approx(8 / 255)
+    assert isinstance(ddn, DDN) and ddn.eps == pytest.approx(0.5)
+    assert isinstance(sta, STA) and sta.eps == 1.0  # flow pixels, not /255

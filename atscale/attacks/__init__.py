@@ -22,14 +22,21 @@ from atscale.attacks.composite import Composite, CompositeResult
 from atscale.attacks.fab import FABT
 from atscale.attacks.fgsm import fgsm_rs
 from atscale.attacks.geometry import lp_norm, project
-from atscale.attacks.losses import dlr_loss, least_likely_targets, margin, targeted_dlr_loss, top_targets
+from atscale.attacks.losses import cw_margin, dlr_loss, least_likely_targets, margin, targeted_dlr_loss, top_targets
+from atscale.attacks.minimal_norm import CWL2, DDN, MinNormResult
 from atscale.attacks.pgd import PGD
+from atscale.attacks.spatial import STA
 from atscale.attacks.square import Square
 from atscale.attacks.transfer import (AllOrNothingResult, LogitEnsemble, TransferFGSM, TransferResult, all_or_nothing,
                                       all_or_nothing_eval, default_transfer_iters, transfer_eval)
+from atscale.attacks.wasserstein import FWA
 
 ATTACK_NAMES = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "standard", "i-fgsm", "mi-fgsm",
-                "di2-fgsm", "m-di2-fgsm", "ti-fgsm")
+                "di2-fgsm", "m-di2-fgsm", "ti-fgsm", "ddn", "cw-l2", "sta", "fwa")
+# the threat model of the attacks whose budget is not an Lp ball of pixel values: the flow's largest component in
+# pixels (STA), the transport cost (FWA); DDN and CW-L2 are L2 only
+OWN_NORM = {"ddn": "l2", "cw-l2": "l2", "sta": "flow", "fwa": "wasserstein"}
+NORMS = ("linf", "l2", "flow", "wasserstein")
 
 # (momentum mu, diversity probability p, TI kernel size: 0 = off, None = scaled default) per transfer attack (Fig 3.2)
 _TRANSFER = {"i-fgsm": (0.0, 0.0, 0), "mi-fgsm": (1.0, 0.0, 0), "di2-fgsm": (0.0, 0.5, 0),
@@ -69,9 +76,52 @@ def _take(kw: dict[str, Any], allowed: tuple[str, ...], name: str) -> dict[str, 
     return dict(kw)
 
 
-def make_attack(name: str, *, eps: float, steps: int, norm: str = "linf", restarts: int = 1, targeted: bool = False,
-                seed: int = 0, amp_dtype: torch.dtype | None = None, **kw: Any) -> SeededAttack:
-    """An evaluation attack by name; ``eps`` is a fraction of the [0, 1] range (8/255, not 8).
+def _own_norm(name: str, eps: float, steps: int, restarts: int, targeted: bool, kw: dict[str, Any],
+              common: dict[str, Any]) -> SeededAttack:
+    """DDN, CW-L2 (L2), STA (flow) and FWA (Wasserstein): the ARN paper's unseen attack types."""
+    if restarts != 1:
+        raise ValueError(f"{name} has no restarts; got restarts={restarts}")
+    allowed = {"ddn": ("alpha", "gamma", "init_norm", "target_mode"),
+               "cw-l2": ("search_steps", "initial_const", "lr", "kappa", "target_mode"),
+               "sta": ("tau", "lr", "kappa", "target_mode"),
+               "fwa": ("kernel_size", "entropy", "bisections", "target_mode")}[name]
+    cls = {"ddn": DDN, "cw-l2": CWL2, "sta": STA, "fwa": FWA}[name]
+    return cls(eps, steps, targeted=targeted, **_take(kw, allowed, name), **common)
+
+
+def _standard(eps: float, steps: int, norm: str, restarts: int, targeted: bool, seed: int,
+              amp_dtype: torch.dtype | None, kw: dict[str, Any]) -> Composite:
+    """AutoAttack's "standard" composite (Croce & Hein 2020): its parts in order, each with its own seed."""
+    kw = _take(kw, ("square_queries", "n_target_classes", "attacks"), "standard")
+    if targeted:
+        raise ValueError("'standard' measures robust accuracy (success = misclassified); targeted=True is not "
+                         "meaningful for it")
+    if norm != "linf":
+        raise ValueError("'standard' is Linf only here (FAB-T and Square are implemented for Linf); for L2 use "
+                         "apgd-ce and apgd-t with norm='l2'")
+    parts = tuple(kw.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")))
+    n_t = kw.get("n_target_classes", 9)
+    built = []
+    for i, part in enumerate(parts):
+        sub = dict(seed=seed + i, amp_dtype=amp_dtype)
+        if part == "apgd-ce":
+            built.append(APGD(eps, steps, norm=norm, loss="ce", restarts=restarts, **sub))
+        elif part == "apgd-t":
+            built.append(APGDT(eps, steps, n_target_classes=n_t, norm=norm, **sub))
+        elif part == "fab-t":
+            built.append(FABT(eps, steps, n_target_classes=n_t, **sub))
+        elif part == "square":
+            built.append(Square(eps, kw.get("square_queries", 5000), **sub))
+        else:
+            raise ValueError(f"'standard' runs a subset of apgd-ce, apgd-t, fab-t, square; got {part!r}")
+    return Composite(built, name="standard", norm=norm, iters=steps, seed=seed, amp_dtype=amp_dtype)
+
+
+def make_attack(name: str, *, eps: float, steps: int, norm: str | None = None, restarts: int = 1,
+                targeted: bool = False, seed: int = 0, amp_dtype: torch.dtype | None = None,
+                **kw: Any) -> SeededAttack:
+    """An evaluation attack by name; ``eps`` is a fraction of the [0, 1] range (8/255, not 8) for linf / l2, in
+    its own units for sta / fwa. ``norm``: linf by default, the attack's own threat model for ddn, cw-l2, sta, fwa.
 
     ``steps``: iterations (pgd, apgd-*, fab-t, the FGSM family; 0 there = the thesis default min(eps + 4, 1.25 eps)),
     queries (square), or APGD/FAB iterations inside "standard". ``restarts``: random restarts (per target class for
@@ -85,11 +135,18 @@ def make_attack(name: str, *, eps: float, steps: int, norm: str = "linf", restar
       standard: square_queries (5000), n_target_classes (9), attacks (subset/order of its four names)
       i-/mi-/di2-/m-di2-/ti-fgsm: step (1/255), momentum, diversity_prob, diversity_ratio, kernel_size, resize_back,
         target_mode
+      ddn (norm l2): alpha, gamma, init_norm, target_mode;  cw-l2 (norm l2): search_steps, initial_const, lr, kappa,
+        target_mode (minimal-norm attacks answering inside the L2 ball of radius eps)
+      sta (norm "flow": eps = the largest flow component in pixels): tau, lr, kappa, target_mode
+      fwa (norm "wasserstein": eps = the transport cost): kernel_size, entropy, bisections, target_mode
     """
     if name not in ATTACK_NAMES:
         raise ValueError(f"unknown attack {name!r}; valid names: {', '.join(ATTACK_NAMES)}")
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
+    norm = norm or OWN_NORM.get(name, "linf")
+    if name in OWN_NORM and norm != OWN_NORM[name]:
+        raise ValueError(f"{name} attacks in the {OWN_NORM[name]!r} threat model; got norm={norm!r}")
+    if norm not in ("linf", "l2") and name not in OWN_NORM:
+        raise ValueError(f"norm must be 'linf' or 'l2' for {name}; got {norm!r}")
     if steps < 0 or (steps == 0 and name not in _TRANSFER):
         raise ValueError(f"{name}: steps must be >= 1 (0 allowed only for the FGSM transfer family); got {steps}")
     common = dict(seed=seed, amp_dtype=amp_dtype)
@@ -113,30 +170,10 @@ def make_attack(name: str, *, eps: float, steps: int, norm: str = "linf", restar
     elif name == "square":
         kw = _take(kw, ("p_init", "rescale_schedule", "target_mode"), name)
         atk = Square(eps, steps, norm=norm, restarts=restarts, targeted=targeted, **kw, **common)
+    elif name in OWN_NORM:
+        atk = _own_norm(name, eps, steps, restarts, targeted, kw, common)
     elif name == "standard":
-        kw = _take(kw, ("square_queries", "n_target_classes", "attacks"), name)
-        if targeted:
-            raise ValueError("'standard' measures robust accuracy (success = misclassified); targeted=True is not "
-                             "meaningful for it")
-        if norm != "linf":
-            raise ValueError("'standard' is Linf only here (FAB-T and Square are implemented for Linf); for L2 use "
-                             "apgd-ce and apgd-t with norm='l2'")
-        parts = tuple(kw.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")))
-        n_t = kw.get("n_target_classes", 9)
-        built = []
-        for i, part in enumerate(parts):
-            sub = dict(seed=seed + i, amp_dtype=amp_dtype)
-            if part == "apgd-ce":
-                built.append(APGD(eps, steps, norm=norm, loss="ce", restarts=restarts, **sub))
-            elif part == "apgd-t":
-                built.append(APGDT(eps, steps, n_target_classes=n_t, norm=norm, **sub))
-            elif part == "fab-t":
-                built.append(FABT(eps, steps, n_target_classes=n_t, **sub))
-            elif part == "square":
-                built.append(Square(eps, kw.get("square_queries", 5000), **sub))
-            else:
-                raise ValueError(f"'standard' runs a subset of apgd-ce, apgd-t, fab-t, square; got {part!r}")
-        atk = Composite(built, name="standard", norm=norm, iters=steps, **common)
+        atk = _standard(eps, steps, norm, restarts, targeted, seed, amp_dtype, kw)
     else:
         kw = _take(kw, ("step", "momentum", "diversity_prob", "diversity_ratio", "kernel_size", "resize_back",
                         "target_mode"), name)
@@ -151,8 +188,9 @@ def make_attack(name: str, *, eps: float, steps: int, norm: str = "linf", restar
     return atk
 
 
-__all__ = ["ATTACK_NAMES", "APGD", "APGDT", "AllOrNothingResult", "Attack", "AttackResult", "BPDA", "Composite",
-           "CompositeResult", "EOT", "FABT", "LogitEnsemble", "NoAttack", "PGD", "Quantize", "SeededAttack", "Square",
-           "TransferFGSM", "TransferResult", "all_or_nothing", "all_or_nothing_eval", "apgd_checkpoints",
-           "attack_mode", "build_attack", "default_transfer_iters", "dlr_loss", "fgsm_rs", "least_likely_targets",
+__all__ = ["ATTACK_NAMES", "APGD", "APGDT", "AllOrNothingResult", "Attack", "AttackResult", "BPDA", "CWL2",
+           "Composite", "CompositeResult", "DDN", "EOT", "FABT", "FWA", "MinNormResult", "NORMS", "OWN_NORM", "STA",
+           "LogitEnsemble", "NoAttack", "PGD", "Quantize", "SeededAttack", "Square", "TransferFGSM",
+           "TransferResult", "all_or_nothing", "all_or_nothing_eval", "apgd_checkpoints", "attack_mode",
+           "build_attack", "cw_margin", "default_transfer_iters", "dlr_loss", "fgsm_rs", "least_likely_targets",
            "lp_norm", "make_attack", "margin", "project", "targeted_dlr_loss", "top_targets", "transfer_eval"]

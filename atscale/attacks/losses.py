@@ -1,6 +1,7 @@
 """Per-example attack objectives and target choices.
 
-- margin: z_y - max_{j != y} z_j (negative = misclassified); Square attack's loss (Andriushchenko et al. 2020, Sec 3).
+- margin: z_y - max_{j != y} z_j (negative = misclassified); Square attack's loss (Andriushchenko et al. 2020, Sec 3);
+  ``cw_margin`` its C&W form clamped at -kappa, targeted or not (Carlini & Wagner 2017, f_6; CW-L2, STA, FWA).
 - DLR (Croce & Hein 2020, "Reliable evaluation ...", Sec 4, Eq. 4): -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3), with
   z_pi the logits sorted in decreasing order; shift- and scale-invariant in the logits.
 - targeted DLR (Sec 4, Eq. 5): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2).
@@ -55,6 +56,14 @@ def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor, hi
     z_t = logits.gather(1, t[:, None]).squeeze(1)
     ref = _others_max(logits, t) if hit_target else logits.gather(1, y[:, None]).squeeze(1)
     return -(ref - z_t) / (den + _DEN)
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, kappa: float) -> torch.Tensor:
+    """C&W's f (Carlini & Wagner 2017, f_6), to minimize: below 0 once the image is misclassified (hits the target)."""
+    cls = target if target is not None else y
+    z_c = logits.gather(1, cls[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(cls, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - z_c if target is not None else z_c - other).clamp(min=-kappa)
 
 
 def check_target_mode(mode: str) -> str:

@@ -254,7 +254,7 @@ class EvalCfg:
     The run's suite (``suite: ""``) is clean + PGD-k for each k in ``steps`` at ``eps``; every PGD-k steps by
     max(``step``, eps / k), so k steps can reach the boundary of the budget (the Feature Denoising protocol, Xie thesis
     Sec 4.5: "the 10-step attack uses eps/10 = 1.6"). ``suite`` names another one for the final evaluation (quick, fd,
-    robustbench, full or a YAML file of attack rows). The quick check during training is clean + PGD-``quick_steps``
+    robustbench, full, defense, unseen or a YAML file of attack rows). The quick check during training is clean + PGD-``quick_steps``
     of the same budget on the first ``quick_images`` val images."""
 
     steps: list[int] = field(default_factory=lambda: [10, 100])

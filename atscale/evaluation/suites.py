@@ -11,6 +11,8 @@ them is :mod:`atscale.evaluation.evaluator`. Suites (PROTOCOLS.md):
   FAB-T, Square); also writes a RobustBench model-info JSON.
 - ``defense``: pre-processing defenses (issue 14): PGD-40 through the full model, with BPDA and with EOT
   (:mod:`atscale.evaluation.adaptive_views`), targeted PGD-40, APGD-DLR, TI-BIM, Square and AutoAttack, worst case.
+- ``unseen``: the ARN paper's attack types, each in its own threat model: L-inf PGD (untargeted, targeted), L2 DDN /
+  CW-L2 / PGD, STA (flow budget in pixels), FWA (Wasserstein budget); worst cases within a threat model only.
 - ``full``: white-box PGD over steps 1..1000, with restarts, over eps/4..2 eps, AutoAttack, Square (black-box) and an
   unbounded (eps 255) PGD: the sweeps the gradient-masking checks of :mod:`atscale.evaluation.sanity` compare.
 
@@ -26,9 +28,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from atscale.attacks import ATTACK_NAMES, default_transfer_iters, make_attack
+from atscale.attacks import ATTACK_NAMES, NORMS, OWN_NORM, default_transfer_iters, make_attack
 from atscale.config import EvalCfg
-from atscale.config.units import STEP_RULE, pgd_step, to_fraction
+from atscale.config.units import OWN_UNITS, STEP_RULE, budget_fraction, pgd_step, to_fraction
 from atscale.errors import ConfigError
 from atscale.evaluation.adaptive_views import check_through
 
@@ -61,6 +63,12 @@ class AttackSpec:
     through: str = ""  # what the attack differentiates: "" | bpda | eot<N> | bpda+eot<N> (evaluation.adaptive_views)
 
     def __post_init__(self) -> None:
+        own = OWN_NORM.get(self.attack)
+        if own and self.norm == "linf":
+            self.norm = own  # the row left the default: the attack's own threat model
+        if (own and self.norm != own) or self.norm not in NORMS or (not own and self.norm in OWN_UNITS):
+            raise ConfigError(f"suite attack {self.label!r}: norm {self.norm!r} does not fit attack {self.attack!r}",
+                              f"use norm {own or 'linf'!r}" + ("" if own else " (or 'l2' where the attack has it)"))
         if not self.kind:
             self.kind = ("clean" if self.attack == "clean" else "transfer" if self.source else
                          "black-box" if self.attack in BLACK_BOX else "adaptive" if self.through else "white-box")
@@ -132,6 +140,10 @@ class Suite:
             if agg in labels or missing or not members:
                 raise ConfigError(f"suite {self.name!r}: aggregate {agg!r} must name existing attacks (unknown: "
                                   f"{missing}) and not reuse an attack's label")
+            norms = sorted({s.norm for s in self.specs if s.label in members})
+            if len(norms) > 1:
+                raise ConfigError(f"suite {self.name!r}: aggregate {agg!r} mixes threat models {norms}; a worst case "
+                                  "is an accuracy at one budget", "aggregate the rows of one norm at a time")
 
     @property
     def attacks(self) -> list[AttackSpec]:
@@ -200,8 +212,36 @@ def _defense(eps: float, step: float, targeted: bool) -> Suite:
                  aggregates={"worst-case": [s.label for s in specs if s.attack != "clean"]})
 
 
+# the unseen attacks' budgets (Zhou et al. 2021 use them unbounded or at unstated budgets): L2 0.5 (x 255), the
+# usual CIFAR-10 L2 radius; a flow of at most 1 pixel per component; a transport cost of 0.1 (Wong et al. 2019's
+# CIFAR-10 scale)
+UNSEEN_L2, UNSEEN_FLOW, UNSEEN_W1 = 127.5, 1.0, 0.1
+
+
+def _unseen(eps: float, step: float, targeted: bool) -> Suite:
+    """The ARN paper's attack types (Zhou et al. 2021, Sec 4.1, Tables 1-2), each in its own threat model, for a
+    pre-processor trained on PGD: L-inf PGD-40 untargeted and targeted at eps; L2 DDN, CW-L2 and PGD-40 (the white-box
+    reference of that ball); STA untargeted and targeted within a flow budget; FWA within a Wasserstein budget. Worst
+    cases only within a threat model (an accuracy is stated at one budget)."""
+    l2 = dict(eps=UNSEEN_L2, norm="l2")
+    specs = [AttackSpec("clean", "clean"), _pgd("pgd40", eps, 40, step),
+             _pgd("pgd40-targeted", eps, 40, step, targeted=True),
+             AttackSpec("ddn", "ddn", steps=100, **l2), AttackSpec("cw-l2", "cw-l2", steps=100, **l2),
+             _pgd("pgd40-l2", UNSEEN_L2, 40, 2.5 * UNSEEN_L2 / 40, norm="l2"),
+             AttackSpec("sta", "sta", eps=UNSEEN_FLOW, steps=100),
+             AttackSpec("sta-targeted", "sta", eps=UNSEEN_FLOW, steps=100, targeted=True),
+             AttackSpec("fwa", "fwa", eps=UNSEEN_W1, steps=50)]
+    return Suite("unseen", specs, f"the ARN paper's unseen attack types, each in its threat model: L-inf PGD-40 "
+                                  f"(untargeted, targeted) at {eps:g}/255; L2 DDN, CW-L2, PGD-40 at "
+                                  f"{UNSEEN_L2 / 255:g}; "
+                                  f"STA (untargeted, targeted) with flow <= {UNSEEN_FLOW:g} px; FWA at W1 <= "
+                                  f"{UNSEEN_W1:g}",
+                 aggregates={"worst-linf": ["pgd40", "pgd40-targeted"], "worst-l2": ["ddn", "cw-l2", "pgd40-l2"],
+                             "worst-flow": ["sta", "sta-targeted"]})
+
+
 SUITES: dict[str, Callable[[float, float, bool], Suite]] = {"quick": _quick, "fd": _fd, "robustbench": _robustbench,
-                                                            "full": _full, "defense": _defense}
+                                                            "full": _full, "defense": _defense, "unseen": _unseen}
 FIXED_BUDGET = ("fd", "robustbench")
 SUITE_NAMES = ("run",) + tuple(SUITES)
 
@@ -289,7 +329,7 @@ def get_suite(name: str, ev: EvalCfg, given: Iterable[str] = ()) -> Suite:
 def build_attack(spec: AttackSpec, amp_dtype: torch.dtype | None = None, seed: int = 0):
     """Spec (0..255 units) -> ``atscale.attacks.make_attack`` object (fractions of [0, 1]) with
     ``.perturb(model, x, y) -> AttackResult``."""
-    eps = to_fraction(spec.eps)
+    eps = budget_fraction(spec.eps, spec.norm)
     kw = dict(spec.kwargs)
     if spec.attack == "pgd":
         kw["step"] = to_fraction(spec.step_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atscale.config.units import budget_text
 from atscale.reporting.runlog import read_log
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def results_table(results: dict) -> str:
     for name, r in sorted(((k, v) for k, v in results.items() if k != "clean"), key=lambda kv: kv[1]["steps"]):
         step = f"{r['step']:.3g}/255" if "step" in r else "-"
         adv = f"{100 * r['adv_acc']:.2f}%" if "adv_acc" in r else "-"
-        rows.append(f"| {name} | {r['steps']} | {r['eps']:.3g}/255 | {step} | {r.get('targeted', False)} | "
+        eps = budget_text(r["eps"], r.get("norm", "linf"))
+        rows.append(f"| {name} | {r['steps']} | {eps} | {step} | {r.get('targeted', False)} | "
                     f"{100 * r['acc']:.2f}% | {adv} | {100 * r['success_rate']:.2f}% |")
     return "\n".join(rows)
 
@@ -227,7 +229,8 @@ def suite_table(results: dict) -> str:
         step = f"{r['step']:.3g}/255" if r.get("step") is not None else "-"
         method = r["attack"] if r.get("kind") != "aggregate" else "worst of " + ", ".join(r["of"])
         secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
-        rows.append(f"| {label} | {method} | {r['kind']} | {r.get('norm', '-')} | {r['eps']:.3g}/255 | "
+        rows.append(f"| {label} | {method} | {r['kind']} | {r.get('norm', '-')} | "
+                    f"{budget_text(r['eps'], r.get('norm', 'linf'))} | "
                     f"{r.get('steps', '-')} | {step} | {r.get('restarts', '-')} | {r.get('targeted', '-')} | "
                     f"{_pct(r['acc'])} | {_pct(r.get('success_rate'))} | {secs} |")
     return "\n".join(rows)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale import distributed as dist
-from atscale.attacks import make_attack
-from atscale.config.units import to_fraction
+from atscale.attacks import OWN_NORM, make_attack
+from atscale.config.units import budget_fraction, to_fraction
 from atscale.layers.taps import tap
 from atscale.models.preprocessors import APEDiscriminator, AttackDiscriminator, ImageDiscriminator
 from atscale.training.objective_base import Objective, StepOutput, unwrapped
@@ -135,10 +135,16 @@ class ARNObjective(_WithDiscriminators):
         if not attacks:
             raise ValueError("ARN needs at least one seen attack (objective.arn_attacks)")
         self.lam1, self.lam2, self.theta = lam1, lam2, theta
-        self.attacks = [make_attack(a["attack"], eps=to_fraction(a["eps"]), steps=int(a["steps"]),
-                                    norm=a.get("norm", "linf"), seed=seed + 1009 * dist.rank() + 7 * i,
-                                    **({"step": to_fraction(a["step"])} if a.get("step") else {}))
-                        for i, a in enumerate(attacks)]
+        self.attacks = [self._seen(a, seed + 1009 * dist.rank() + 7 * i) for i, a in enumerate(attacks)]
+
+    @staticmethod
+    def _seen(row: dict, seed: int):
+        """One seen attack from its row (Zhou et al. 2021 Sec 4.2: PGD_N + PGD_T, DDN_N + PGD_N, or PGD_N + STA_N):
+        budgets in 0..255 units for linf / l2, in their own units for STA (flow pixels) and FWA."""
+        norm = row.get("norm") or OWN_NORM.get(row["attack"], "linf")
+        return make_attack(row["attack"], eps=budget_fraction(row["eps"], norm), steps=int(row["steps"]), norm=norm,
+                           targeted=bool(row.get("targeted", False)), seed=seed,
+                           **({"step": to_fraction(row["step"])} if row.get("step") else {}))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "attacks": [a.state_dict() for a in self.attacks]}
