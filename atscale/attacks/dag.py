@@ -1,0 +1,100 @@
+"""Dense Adversary Generation, DAG (Xie thesis Ch. 2, Sec 2.3, Algorithm 1): one perturbation that attacks every
+recognition target of an image at once (every pixel of a segmentation map; every dense proposal of a detector).
+
+Targets t_n carry labels l_n and adversarial labels l'_n = pi(l_n), pi a random permutation of the foreground classes
+per image with pi(c) != c; background targets are left out (footnote 1). Each iteration m takes the active set T_m
+(targets still predicted as l_n), r_m = sum over T_m of grad (f_{l'_n} - f_{l_n}), the step r'_m = gamma /
+||r_m||_inf * r_m, and X_{m+1} = X_m + r'_m, until T_m is empty or m = M_0 (200 for segmentation, 150 for detection);
+the image is clipped to the valid range (here at every step, so the network only ever sees valid images; the thesis
+clips the final sum). The thesis' gamma = 0.5 is in 0..255 units on a mean-subtracted input: mean
+subtraction does not scale, so on atscale's [0, 1] images it is 0.5 / 255 (``gamma`` here is a fraction).
+
+``logits_fn(x) -> (N, T, C)`` gives the per-target logits (segmentation: the (N, C, H, W) map flattened to targets;
+detection: the box head's logits for fixed proposals), so one loop serves both tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+GAMMA = 0.5 / 255
+
+
+def derangement(num_classes: int, n: int, g: torch.Generator, background: int | None = 0) -> torch.Tensor:
+    """(n, num_classes) maps: per image a random permutation of the foreground classes with no fixed point (the
+    background, when given, maps to itself and is never a target)."""
+    fg = [c for c in range(num_classes) if c != background]
+    if len(fg) < 2:
+        raise ValueError(f"DAG needs at least 2 foreground classes to permute; got {len(fg)}")
+    maps = torch.arange(num_classes).repeat(n, 1)
+    fg_t = torch.tensor(fg)
+    for i in range(n):
+        while True:  # rejection sampling: about e tries on average
+            p = torch.randperm(len(fg), generator=g)
+            if not bool((p == torch.arange(len(fg))).any()):
+                break
+        maps[i, fg_t] = fg_t[p]
+    return maps
+
+
+@dataclass
+class DAGResult:
+    x_adv: torch.Tensor
+    r: torch.Tensor  # x_adv - x
+    adv_labels: torch.Tensor  # (N, T) l'_n (background targets: their own label)
+    iters: torch.Tensor  # (N,) iterations each image took (M_0 when it did not converge)
+    active: list[list[int]] = field(default_factory=list)  # per iteration: active targets per image
+
+
+class DAG:
+    """DAG with ``gamma`` (a fraction of [0, 1]) and ``max_iters`` = M_0; ``seed`` draws the permutations."""
+
+    def __init__(self, gamma: float = GAMMA, max_iters: int = 200, seed: int = 0, background: int | None = 0):
+        if gamma <= 0 or max_iters < 1:
+            raise ValueError(f"DAG needs gamma > 0 and max_iters >= 1; got gamma={gamma}, max_iters={max_iters}")
+        self.gamma, self.max_iters, self.seed, self.background = gamma, max_iters, seed, background
+
+    def perturb(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+                valid: torch.Tensor | None = None, adv_labels: torch.Tensor | None = None) -> DAGResult:
+        """``labels`` (N, T) class per target; ``valid`` (N, T) which targets count (default: non-background);
+        ``adv_labels`` (N, T) overrides pi (fooling images, Sec 2.3.4: an arbitrary target label map)."""
+        x = x.detach()
+        n = x.shape[0]
+        valid = (labels != self.background) if valid is None else valid
+        if adv_labels is None:
+            with torch.no_grad():
+                c = logits_fn(x).shape[-1]
+            g = torch.Generator().manual_seed(self.seed)
+            maps = derangement(c, n, g, self.background).to(labels.device)
+            adv_labels = maps.gather(1, labels)
+        x_adv, iters, history = x.clone(), torch.full((n,), self.max_iters, dtype=torch.long), []
+        for m in range(self.max_iters):
+            x_adv.requires_grad_(True)
+            logits = logits_fn(x_adv)
+            active = valid & (logits.argmax(-1) == labels)
+            history.append(active.sum(1).tolist())
+            done = ~active.any(1)
+            iters = torch.where(done & (iters == self.max_iters), torch.full_like(iters, m), iters)
+            if bool(done.all()):
+                break
+            gap = logits.gather(-1, adv_labels[..., None]) - logits.gather(-1, labels[..., None])
+            (r,) = torch.autograd.grad((gap.squeeze(-1) * active).sum(), x_adv)
+            scale = self.gamma / r.flatten(1).abs().amax(1).clamp_min(1e-12)
+            step = r * (scale * (~done)).view(-1, *([1] * (x.dim() - 1)))
+            x_adv = (x_adv.detach() + step).clamp(0, 1)
+        x_adv = x_adv.detach()
+        return DAGResult(x_adv, x_adv - x, adv_labels, iters, history)
+
+
+def segmentation_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A segmentation model's (N, C, H, W) output (torchvision's ``["out"]`` too) as (N, H*W, C) target logits."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        out = out["out"] if isinstance(out, dict) else out
+        return out.flatten(2).transpose(1, 2)
+    return fn
+
+
+__all__ = ["DAG", "DAGResult", "GAMMA", "derangement", "segmentation_logits"]
