@@ -60,10 +60,13 @@ def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor, hi
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, kappa: float) -> torch.Tensor:
     """C&W's f (Carlini & Wagner 2017, f_6), to minimize: below 0 once the image is misclassified (hits the target)."""
-    cls = target if target is not None else y
-    z_c = logits.gather(1, cls[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(cls, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return (other - z_c if target is not None else z_c - other).clamp(min=-kappa)
+    return (-margin(logits, target) if target is not None else margin(logits, y)).clamp(min=-kappa)
+
+
+def fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Per example: classified as ``target`` (targeted) or as anything but ``y`` (untargeted)."""
+    pred = logits.argmax(1)
+    return pred == target if target is not None else pred != y
 
 
 def check_target_mode(mode: str) -> str:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
-from atscale.attacks.geometry import lp_norm
-from atscale.attacks.losses import check_target_mode, cw_margin
+from atscale.attacks.geometry import _per_example, direction, lp_norm
+from atscale.attacks.losses import check_target_mode, cw_margin, fooled
 
 _TINY = 1e-12
 
@@ -29,18 +29,7 @@ class MinNormResult(AttackResult):
     norm: torch.Tensor | None = None  # per example: the smallest adversarial L2 norm found (inf: none)
 
 
-def _fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    pred = logits.argmax(1)
-    return pred == target if target is not None else pred != y
-
-
-def _view(v: torch.Tensor) -> tuple[int, ...]:
-    return (-1,) + (1,) * (v.dim() - 1)
-
-
 class _MinNorm(SeededAttack):
-    norm_name = "l2"
-
     def _init(self, eps: float, iters: int, targeted: bool, target_mode: str, seed: int,
               amp_dtype: torch.dtype | None) -> None:
         if eps <= 0 or iters < 1:
@@ -57,7 +46,7 @@ class _MinNorm(SeededAttack):
             target = self._targets(model, x, y, g) if self.targeted else None
             best, best_norm, fallback = self._search(model, x, y, target)
         inside = best_norm <= self.eps * (1 + 1e-6)
-        x_adv = torch.where(inside.view(_view(x)), best, fallback)
+        x_adv = torch.where(inside.view(_per_example(x)), best, fallback)
         return MinNormResult(x_adv.detach(), target, inside, best_norm)
 
     def _search(self, model, x, y, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,20 +79,19 @@ class DDN(_MinNorm):
             loss = F.cross_entropy(logits, target if self.targeted else y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)
             delta = delta.detach()
-            fooled = _fooled(logits.detach(), y, target)
+            hit = fooled(logits.detach(), y, target)
             cur = lp_norm(delta, "l2")
-            better = fooled & (cur < best_norm)
+            better = hit & (cur < best_norm)
             best[better], best_norm[better] = (x + delta)[better], cur[better]
             alpha = 0.01 + (self.alpha - 0.01) * (1 + math.cos(math.pi * k / self.iters)) / 2
-            grad = sign * grad / lp_norm(grad, "l2").clamp_min(_TINY).view(_view(x))
-            delta = delta + alpha * grad
-            norm_k = torch.where(fooled, norm_k * (1 - self.gamma), norm_k * (1 + self.gamma)).clamp(max=self.eps)
-            delta = delta * (norm_k / lp_norm(delta, "l2").clamp_min(_TINY)).view(_view(x))
+            delta = delta + alpha * sign * direction(grad, "l2")
+            norm_k = torch.where(hit, norm_k * (1 - self.gamma), norm_k * (1 + self.gamma)).clamp(max=self.eps)
+            delta = delta * (norm_k / lp_norm(delta, "l2").clamp_min(_TINY)).view(_per_example(x))
             delta = (x + delta).clamp(0, 1) - x
         with torch.no_grad():
-            fooled = _fooled(self._logits(model, x + delta), y, target)
+            hit = fooled(self._logits(model, x + delta), y, target)
         cur = lp_norm(delta, "l2")
-        better = fooled & (cur < best_norm)
+        better = hit & (cur < best_norm)
         best[better], best_norm[better] = (x + delta)[better], cur[better]
         return best, best_norm, x + delta
 
@@ -144,11 +132,11 @@ class CWL2(_MinNorm):
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    fooled = _fooled(logits, y, target)
+                    hit = fooled(logits, y, target)
                     cur = dist.sqrt()
-                    better = fooled & (cur < best_norm)
+                    better = hit & (cur < best_norm)
                     best[better], best_norm[better] = xa.detach()[better], cur[better]
-                    found |= fooled
+                    found |= hit
             hi = torch.where(found, torch.minimum(hi, const), hi)
             lo = torch.where(found, lo, torch.maximum(lo, const))
             const = torch.where(hi < math.inf, (lo + hi) / 2, const * 10)

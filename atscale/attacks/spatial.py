@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
-from atscale.attacks.losses import check_target_mode, cw_margin
+from atscale.attacks.losses import check_target_mode, cw_margin, fooled
 
 
 @dataclass
@@ -74,10 +74,9 @@ class STA(SeededAttack):
         g = self.generator(x.device)
         with attack_mode(model), torch.enable_grad():
             target = self._targets(model, x, y, g) if self.targeted else None
-            start = torch.zeros((n, 2, h, w), device=x.device, dtype=x.dtype)
-            flow = start.requires_grad_(True)
+            flow = torch.zeros((n, 2, h, w), device=x.device, dtype=x.dtype, requires_grad=True)
             opt = torch.optim.Adam([flow], lr=self.step)
-            best, best_flow = x.clone(), torch.zeros_like(start)
+            best, best_flow = x.clone(), torch.zeros_like(flow)
             tau = torch.full((n,), self.tau, device=x.device, dtype=x.dtype)
             best_smooth = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
             for i in range(self.iters + 1):
@@ -85,8 +84,7 @@ class STA(SeededAttack):
                 logits = self._logits(model, xa)
                 smooth = flow_loss(flow)
                 with torch.no_grad():
-                    fooled = logits.argmax(1) == target if target is not None else logits.argmax(1) != y
-                    better = fooled & (smooth < best_smooth)
+                    better = fooled(logits, y, target) & (smooth < best_smooth)
                     best[better], best_smooth[better] = xa.detach()[better], smooth.detach()[better]
                     best_flow[better] = flow.detach()[better]
                 if i == self.iters:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atscale.attacks.base import AttackResult, SeededAttack, attack_mode
-from atscale.attacks.losses import check_target_mode
+from atscale.attacks.losses import check_target_mode, fooled
 
 
 @dataclass
@@ -107,31 +107,33 @@ class FWA(SeededAttack):
             best, success = x.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
             best_cost = torch.zeros(n, device=x.device, dtype=x.dtype)
             for t in range(self.iters + 1):
-                xa = transport(plan, self.k, (h, w)).clamp(0, 1).requires_grad_(True)
+                delivered = transport(plan, self.k, (h, w))
+                xa = delivered.clamp(0, 1).requires_grad_(True)
                 logits = self._logits(model, xa)
                 with torch.no_grad():
-                    fooled = (logits.argmax(1) == target) if target is not None else (logits.argmax(1) != y)
-                    new = fooled & ~success
-                    best[new], success = xa.detach()[new], success | fooled
-                    best_cost[new] = self.plan_cost(plan, self.k)[new]
+                    hit = fooled(logits, y, target)
+                    new = hit & ~success
+                    best[new], success = xa.detach()[new], success | hit
+                    best_cost[new] = self.plan_cost(plan, self.k, cost)[new]
                 if t == self.iters or bool(success.all()):
                     break
                 ce = F.cross_entropy(logits, target if target is not None else y, reduction="sum")
                 (grad,) = torch.autograd.grad(-ce if target is not None else ce, xa)
                 with torch.no_grad():
                     # d loss / d P[o, i] = the image gradient at i + o (fold's adjoint is unfold); clipped pixels: 0
-                    inside = (transport(plan, self.k, (h, w)) - xa).abs() < 1e-12
+                    inside = (delivered - xa).abs() < 1e-12
                     grad = F.unfold(grad * inside, self.k, padding=self.k // 2).view_as(plan)
                     s = self.lmo(grad, x, cost, valid)
                     plan = plan + 2.0 / (t + 2) * (s - plan)
             x_adv = torch.where(success.view(-1, 1, 1, 1), best, xa.detach())
-            cost = torch.where(success, best_cost, self.plan_cost(plan, self.k))
-        return PlanResult(x_adv.detach(), target, success, cost)
+            spent = torch.where(success, best_cost, self.plan_cost(plan, self.k, cost))
+        return PlanResult(x_adv.detach(), target, success, spent)
 
     @staticmethod
-    def plan_cost(plan: torch.Tensor, k: int) -> torch.Tensor:
-        """Per-example transport cost of a plan (N, C, K, H, W)."""
-        return (plan * _offsets_cost(k, plan.device, plan.dtype).view(1, 1, -1, 1, 1)).flatten(1).sum(1)
+    def plan_cost(plan: torch.Tensor, k: int, cost: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example transport cost of a plan (N, C, K, H, W); ``cost``: the offsets' distances, when at hand."""
+        cost = _offsets_cost(k, plan.device, plan.dtype) if cost is None else cost
+        return (plan * cost.view(1, 1, -1, 1, 1)).flatten(1).sum(1)
 
 
 __all__ = ["FWA", "PlanResult", "transport"]
