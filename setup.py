@@ -25,6 +25,8 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6.0",
         "pillow>=9.0",
+        "torchmetrics>=1.0",
+        "pycocotools>=2.0",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["atscale=atscale.cli:main"]},

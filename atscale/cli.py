@@ -1,4 +1,4 @@
-"""``atscale`` command line: data | train | eval | export | plan. Thin: each subcommand parses its arguments without
+"""``atscale`` command line: data | train | eval | export | plan | dense. Thin: each subcommand parses its arguments without
 torch (:mod:`atscale.cli_args`), then calls one library entry (:mod:`atscale.train`, :mod:`atscale.evaluate`,
 :mod:`atscale.data`, :mod:`atscale.planning`), so ``--help`` and bad arguments answer at once. Every
 :class:`atscale.errors.AtscaleError`, bad arguments included, ends as one line on stderr and exit status 2. Top layer:
@@ -10,10 +10,10 @@ import json
 import sys
 from typing import Sequence
 
-from atscale.cli_args import ArgumentParser, parse_eval, parse_export, parse_plan, parse_train
+from atscale.cli_args import ArgumentParser, parse_dense, parse_eval, parse_export, parse_plan, parse_train
 from atscale.errors import run_command
 
-COMMANDS = ("data", "train", "eval", "export", "plan")
+COMMANDS = ("data", "train", "eval", "export", "plan", "dense")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="time and cost of a preset: counted FLOPs per image, images/s per GPU kind, "
                                 "GPU-hours and wall time on N GPUs, the paper's published cost",
                    add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("dense", help="segmentation / detection on the embedded scenes or Pascal VOC, and Dense "
+                                 "Adversary Generation against them: train | eval | dag | transfer",
+                   add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -106,9 +109,24 @@ def _plan(argv: Sequence[str]) -> int:
                     a.measure_steps, a.json)
 
 
+def _dense(argv: Sequence[str]) -> int:
+    a = parse_dense(argv)
+    from atscale import dense
+
+    if a.action == "train":
+        dense.train(a.config, a.overrides)
+    elif a.action == "eval":
+        dense.evaluate(a.run)
+    elif a.action == "dag":
+        dense.dag(a.run, a.overrides, progress=not a.no_progress)
+    else:
+        dense.transfer(a.target, a.perturbation, a.permute, a.seed)
+    return 0
+
+
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in ("train", "eval", "export", "plan"):  # argparse's REMAINDER drops leading options
-        return {"train": _train, "eval": _eval, "export": _export, "plan": _plan}[argv[0]](argv[1:])
+    if argv and argv[0] in ("train", "eval", "export", "plan", "dense"):  # REMAINDER drops leading options
+        return {"train": _train, "eval": _eval, "export": _export, "plan": _plan, "dense": _dense}[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     if args.source == "imagenet":
         args.source = "imagefolder"

@@ -217,6 +217,39 @@ def parse_plan(argv: Sequence[str]) -> PlanArgs:
                     a.measure_steps, a.json)
 
 
-__all__ = ["ArgumentParser", "TrainArgs", "train_parser", "parse_train", "add_eval_arguments", "overrides_of",
+def dense_parser() -> ArgumentParser:
+    """``atscale dense train | eval | dag | transfer`` (Xie thesis Ch. 2: segmentation / detection and DAG)."""
+    p = ArgumentParser(prog="atscale dense", description="Dense tasks (segmentation, detection) and Dense Adversary "
+                       "Generation (Xie thesis Ch. 2) on the embedded scenes or Pascal VOC.")
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a torchvision segmentation / detection model (configs/dense/)")
+    t.add_argument("--config", help="YAML file of data / model / optim / dag / run sections")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=2")
+    e = sub.add_parser("eval", help="clean mIoU (segmentation) or mAP@0.5 (detection) of a run on its val images")
+    e.add_argument("run", help="run folder of `atscale dense train`")
+    d = sub.add_parser("dag", help="DAG on a run's val images: clean / DAG / PERM metric, perceptibility, iterations; "
+                                   "writes RUN/dag/")
+    d.add_argument("run", help="run folder of `atscale dense train`")
+    d.add_argument("overrides", nargs="*", help="dag.key=value, e.g. dag.max_iters=50 dag.images=32")
+    d.add_argument("--no-progress", action="store_true")
+    x = sub.add_parser("transfer", help="a run's metric on its val images plus other runs' DAG perturbations (summed "
+                                        "when several: r_A + r_B), optionally permuted")
+    x.add_argument("target", help="run folder of the attacked model")
+    x.add_argument("--perturbation", action="append", required=True,
+                   help="a run folder attacked by `atscale dense dag`, or its dag/perturbations.pt; repeat to sum")
+    x.add_argument("--permute", action="store_true", help="permute rows and columns of the summed r (PERM control)")
+    x.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_dense(argv: Sequence[str]) -> argparse.Namespace:
+    args = dense_parser().parse_args(list(argv))
+    for ov in getattr(args, "overrides", []):
+        if "=" not in ov:
+            raise ConfigError(f"'{ov}' is not a section.key=value override", "write e.g. optim.epochs=2")
+    return args
+
+
+__all__ = ["ArgumentParser", "dense_parser", "parse_dense", "TrainArgs", "train_parser", "parse_train", "add_eval_arguments", "overrides_of",
            "checkpoint_arg", "parse_eval", "parse_export", "PlanArgs",
            "plan_parser", "parse_plan"]

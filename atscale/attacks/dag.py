@@ -57,9 +57,11 @@ class DAG:
         self.gamma, self.max_iters, self.seed, self.background = gamma, max_iters, seed, background
 
     def perturb(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
-                valid: torch.Tensor | None = None, adv_labels: torch.Tensor | None = None) -> DAGResult:
+                valid: torch.Tensor | None = None, adv_labels: torch.Tensor | None = None,
+                progress: Callable[[int, int], None] | None = None) -> DAGResult:
         """``labels`` (N, T) class per target; ``valid`` (N, T) which targets count (default: non-background);
-        ``adv_labels`` (N, T) overrides pi (fooling images, Sec 2.3.4: an arbitrary target label map)."""
+        ``adv_labels`` (N, T) overrides pi (fooling images, Sec 2.3.4: an arbitrary target label map);
+        ``progress(m, active)`` is called once per iteration with the active target count."""
         x = x.detach()
         n = x.shape[0]
         valid = (labels != self.background) if valid is None else valid
@@ -75,6 +77,8 @@ class DAG:
             logits = logits_fn(x_adv)
             active = valid & (logits.argmax(-1) == labels)
             history.append(active.sum(1).tolist())
+            if progress is not None:
+                progress(m, int(active.sum()))
             done = ~active.any(1)
             iters = torch.where(done & (iters == self.max_iters), torch.full_like(iters, m), iters)
             if bool(done.all()):
@@ -88,6 +92,22 @@ class DAG:
         return DAGResult(x_adv, x_adv - x, adv_labels, iters, history)
 
 
+def perceptibility(r: torch.Tensor) -> torch.Tensor:
+    """Sec 2.3.5: p = sqrt(1/K sum_k ||r_k||_2^2) per image, r_k the RGB vector of pixel k (r on [0, 1] images)."""
+    return r.pow(2).sum(1).flatten(1).mean(1).sqrt()
+
+
+def permuted(r: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The PERM control of Sec 2.3.5: r with its rows and its columns randomly permuted (one draw per image, the same
+    for every channel): the same values and perceptibility, without the structure DAG gave them."""
+    out = torch.empty_like(r)
+    h, w = r.shape[-2:]
+    for i in range(r.shape[0]):
+        rows, cols = torch.randperm(h, generator=g), torch.randperm(w, generator=g)
+        out[i] = r[i][..., rows, :][..., cols]
+    return out
+
+
 def segmentation_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A segmentation model's (N, C, H, W) output (torchvision's ``["out"]`` too) as (N, H*W, C) target logits."""
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -97,4 +117,4 @@ def segmentation_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torc
     return fn
 
 
-__all__ = ["DAG", "DAGResult", "GAMMA", "derangement", "segmentation_logits"]
+__all__ = ["DAG", "DAGResult", "GAMMA", "derangement", "perceptibility", "permuted", "segmentation_logits"]

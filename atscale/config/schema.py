@@ -345,8 +345,22 @@ class PerfCfg:
     tf32: bool = True
 
 
+class Sections:
+    """A run config made of dataclass sections with ``run.out_dir`` / ``run.name``: its folder, dict and YAML."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
 @dataclass
-class Config:
+class Config(Sections):
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     defense: DefenseCfg = field(default_factory=DefenseCfg)
@@ -359,15 +373,5 @@ class Config:
     perf: PerfCfg = field(default_factory=PerfCfg)
     log: LogCfg = field(default_factory=LogCfg)
     run: RunCfg = field(default_factory=RunCfg)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.out_dir) / self.run.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
