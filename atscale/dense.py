@@ -39,7 +39,10 @@ def _val_identity(cfg: DenseConfig) -> dict[str, Any]:
     d = cfg.data
     keys = ("source", "root", "year", "image_size") + (("n_val", "val_seed", "max_digits", "digit_size")
                                                        if d.source == "scenes" else ())
-    return {k: getattr(d, k) for k in keys}
+    ident = {k: getattr(d, k) for k in keys}
+    if d.source == "voc":  # VOC's segmentation and detection val lists are different images; the scenes are shared
+        ident["task"] = cfg.task
+    return ident
 
 
 def _with_dag(cfg: DenseConfig, overrides: Sequence[str]) -> DenseConfig:
@@ -80,7 +83,6 @@ def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -
     cfg = _with_dag(cfg, overrides)
     val = dense_datasets(cfg.data, cfg.task)[1]
     out = run_dag(model, val, cfg.task, cfg.dag, device, limit=cfg.dag.images, progress=progress)
-    out.r = out.r.half().float()  # what perturbations.pt keeps, so transfer rows score the same field
     n, bs = out.r.shape[0], cfg.data.eval_batch_size
     clean = score_perturbed(model, val, cfg.task, device, None, bs, limit=n)
     adv = score_perturbed(model, val, cfg.task, device, out.r, bs)
@@ -88,7 +90,7 @@ def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -
     report = _report(cfg, n, clean, adv, perm, out)
     folder = Path(run) / "dag"
     folder.mkdir(parents=True, exist_ok=True)
-    buf = _tensor_bytes({"r": out.r.half(), "val": _val_identity(cfg), "arch": cfg.model.arch, "task": cfg.task,
+    buf = _tensor_bytes({"r": out.r, "val": _val_identity(cfg), "arch": cfg.model.arch, "task": cfg.task,
                          "dag": cfg.to_dict()["dag"]})
     atomic_write_bytes(folder / PERTURBATIONS, buf)
     atomic_write_bytes(folder / "dag.json", (json.dumps(report, indent=1) + "\n").encode())
@@ -198,3 +200,11 @@ def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = 
 
 
 __all__ = ["train", "evaluate", "dag", "transfer", "dag_markdown", "load_perturbation", "PERTURBATIONS"]
+
+
+if __name__ == "__main__":  # torchrun -m atscale.dense train --config ... (one process per GPU)
+    import sys
+
+    from atscale.cli import main as _cli
+
+    sys.exit(_cli(["dense", *sys.argv[1:]]))

@@ -5,14 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atscale.attacks.dag import DAG, GAMMA, derangement, segmentation_logits
+from atscale.attacks.dag import DAG, GAMMA, derangement, image_permutations, perceptibility, permuted, segmentation_logits
 
 
-def test_derangement_moves_every_foreground_class_and_keeps_the_background() -> None:
-    maps = derangement(6, 50, torch.Generator().manual_seed(0))
-    assert torch.all(maps[:, 0] == 0)
-    fg = maps[:, 1:]
-    assert torch.all(fg != torch.arange(1, 6)) and torch.all(fg.sort(1).values == torch.arange(1, 6))
+def test_derangement_moves_every_class() -> None:
+    maps = derangement(6, 50, torch.Generator().manual_seed(0))  # Sec 2.3.1: over all C classes, pi(c) != c
+    assert torch.all(maps != torch.arange(6)) and torch.all(maps.sort(1).values == torch.arange(6))
+    assert bool((maps[:, 1:] == 0).any())  # a foreground class may be sent to the background
+    kept = derangement(6, 50, torch.Generator().manual_seed(0), background=0)
+    assert torch.all(kept[:, 0] == 0) and torch.all(kept[:, 1:] != torch.arange(1, 6))
+
+
+def test_each_image_draws_its_own_pi_whatever_the_batch() -> None:
+    whole = image_permutations(8, list(range(6)), seed=5)
+    assert torch.equal(torch.cat([image_permutations(8, [0, 1, 2, 3], 5), image_permutations(8, [4, 5], 5)]), whole)
+    assert torch.equal(image_permutations(8, [5, 2], 5), whole[[5, 2]])
+    assert len({tuple(m.tolist()) for m in whole}) == 6 and not torch.equal(image_permutations(8, [0, 1], 6), whole[:2])
 
 
 def _seg_model() -> nn.Module:
@@ -55,3 +63,40 @@ def test_background_targets_never_count_and_a_converged_image_stops() -> None:
     assert torch.all(res.adv_labels[1] != labels[1])
     still = (fn(res.x_adv).argmax(-1)[1] == labels[1]).sum().item()
     assert res.iters[1] < 50 and still == 0  # converged: no target of image 1 is still correct
+    assert res.converged.tolist() == [True, True] and len(res.active) == int(res.iters.max()) + 1
+
+
+def test_perceptibility_is_the_root_mean_squared_pixel_norm() -> None:
+    r = torch.zeros(2, 3, 2, 2)
+    r[0, :, 0, 0] = torch.tensor([0.3, 0.4, 0.0])  # one pixel of norm 0.5 among 4
+    assert perceptibility(r).tolist() == [0.25, 0.0]  # sqrt(0.25 / 4)
+
+
+def test_perm_permutes_rows_and_columns_and_keeps_the_values() -> None:
+    r = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    p = permuted(r, torch.Generator().manual_seed(0))
+    assert not torch.equal(p, r) and torch.allclose(perceptibility(p), perceptibility(r))
+    for i in range(2):  # each row of p is a row of r with its columns permuted the same way in every channel
+        rows = [int(((r[i, 0] - p[i, 0, k].sort().values[None]).abs().sum(1) == 0).nonzero()[0]) for k in range(4)]
+        assert sorted(rows) == [0, 1, 2, 3]
+        cols = [int((r[i, 0, rows[0]] == v).nonzero()[0]) for v in p[i, 0, 0]]
+        assert torch.equal(p[i], r[i][:, rows][:, :, cols])
+
+
+def test_a_fooling_label_map_is_reached() -> None:
+    """Sec 2.3.4: with an arbitrary adversarial label map (here a square of class 3 on class-1 targets), DAG drives
+    every target to its given label."""
+    model = _seg_model()
+    with torch.no_grad():
+        model.bias.zero_()
+    x = 0.4 + 0.2 * torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    fn = segmentation_logits(model)
+    with torch.no_grad():
+        labels = fn(x).argmax(-1)
+    want = torch.full_like(labels, 1).view(1, 6, 6)
+    want[0, 1:4, 1:4] = 3
+    want = want.view(1, -1)
+    want[labels == want] = 2  # a target's adversarial label differs from its own
+    res = DAG(gamma=8 / 255, max_iters=200).perturb(fn, x, labels, valid=torch.ones_like(labels, dtype=torch.bool),
+                                                    adv_labels=want)
+    assert res.iters[0] < 200 and not bool((fn(res.x_adv).argmax(-1) == labels).any())

@@ -15,7 +15,7 @@ from atscale.errors import ConfigError, DatasetError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dense"
 TINY = ["data.image_size=64", "data.n_train=32", "data.n_val=6", "data.digit_size=[16,28]", "data.batch_size=8",
-        "data.eval_batch_size=6", "run.progress=false", "run.tensorboard=false"]
+        "data.eval_batch_size=6", "optim.epochs=1", "run.progress=false", "run.tensorboard=false"]
 
 
 def _train(tmp: Path, name: str, preset: str = "scenes_lraspp", *extra: str) -> Path:
@@ -105,3 +105,32 @@ def test_detection_run_attacks_selected_proposals_or_counts_skips(tmp_path):
     rep = json.loads((run / "dag" / "dag.json").read_text())
     assert rep["metric"] == "map50" and rep["attacked"] + rep["skipped_no_target"] == 3
     assert rep["attacked"] > 0 and rep["targets_mean"] > 0  # score_min 0: every proposal overlapping a digit counts
+
+
+def test_dense_training_under_torchrun_shards_the_scenes(tmp_path):
+    """Two gloo ranks (DDP + DistributedSampler): each epoch takes half the steps of one process on the same scenes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = CONFIGS.parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "atscale.dense", "train", "--config",
+           str(CONFIGS / "scenes_lraspp.yaml"), *TINY, f"run.out_dir={tmp_path}", "run.name=ddp"]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 32 // (2 * 8)  # 32 scenes, batch 8 per rank, 2 ranks
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["miou"] >= 0
+
+
+def test_a_rerun_with_other_settings_does_not_resume_the_old_run(tmp_path, capsys):
+    _train(tmp_path, "r")
+    rc = cli(["dense", "train", "--config", str(CONFIGS / "scenes_lraspp.yaml"), *TINY, f"run.out_dir={tmp_path}",
+              "run.name=r", "optim.lr=0.01"])
+    assert rc == 2 and "optim.lr: 0.002 -> 0.01" in capsys.readouterr().err

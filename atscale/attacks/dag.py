@@ -1,10 +1,11 @@
 """Dense Adversary Generation, DAG (Xie thesis Ch. 2, Sec 2.3, Algorithm 1): one perturbation that attacks every
 recognition target of an image at once (every pixel of a segmentation map; every dense proposal of a detector).
 
-Targets t_n carry labels l_n and adversarial labels l'_n = pi(l_n), pi a random permutation of the foreground classes
-per image with pi(c) != c; background targets are left out (footnote 1). Each iteration m takes the active set T_m
-(targets still predicted as l_n), r_m = sum over T_m of grad (f_{l'_n} - f_{l_n}), the step r'_m = gamma /
-||r_m||_inf * r_m, and X_{m+1} = X_m + r'_m, until T_m is empty or m = M_0 (200 for segmentation, 150 for detection);
+Targets t_n carry labels l_n and adversarial labels l'_n = pi(l_n), pi a random permutation of the C classes per
+image with pi(c) != c (drawn per image index, so independent of batching); background targets are left out (footnote
+1). Each iteration m takes the active set T_m (targets still predicted as l_n), r_m = sum over T_m of grad (f_{l'_n} -
+f_{l_n}), the step r'_m = gamma / ||r_m||_inf * r_m, and X_{m+1} = X_m + r'_m, until T_m is empty or m = M_0 (200
+for segmentation, 150 for detection; X_{M_0} is checked too);
 the image is clipped to the valid range (here at every step, so the network only ever sees valid images; the thesis
 clips the final sum). The thesis' gamma = 0.5 is in 0..255 units on a mean-subtracted input: mean
 subtraction does not scale, so on atscale's [0, 1] images it is 0.5 / 255 (``gamma`` here is a fraction).
@@ -22,21 +23,29 @@ import torch
 GAMMA = 0.5 / 255
 
 
-def derangement(num_classes: int, n: int, g: torch.Generator, background: int | None = 0) -> torch.Tensor:
-    """(n, num_classes) maps: per image a random permutation of the foreground classes with no fixed point (the
-    background, when given, maps to itself and is never a target)."""
-    fg = [c for c in range(num_classes) if c != background]
-    if len(fg) < 2:
-        raise ValueError(f"DAG needs at least 2 foreground classes to permute; got {len(fg)}")
+def derangement(num_classes: int, n: int, g: torch.Generator, background: int | None = None) -> torch.Tensor:
+    """(n, num_classes) maps: per image a random permutation pi of the classes with pi(c) != c (Sec 2.3.1: over all C
+    classes, so a foreground target may be sent to the background). ``background``, when given, maps to itself and
+    the other classes are permuted among themselves."""
+    pool = [c for c in range(num_classes) if c != background]
+    if len(pool) < 2:
+        raise ValueError(f"DAG needs at least 2 classes to permute; got {len(pool)}")
     maps = torch.arange(num_classes).repeat(n, 1)
-    fg_t = torch.tensor(fg)
+    pool_t = torch.tensor(pool)
     for i in range(n):
         while True:  # rejection sampling: about e tries on average
-            p = torch.randperm(len(fg), generator=g)
-            if not bool((p == torch.arange(len(fg))).any()):
+            p = torch.randperm(len(pool), generator=g)
+            if not bool((p == torch.arange(len(pool))).any()):
                 break
-        maps[i, fg_t] = fg_t[p]
+        maps[i, pool_t] = pool_t[p]
     return maps
+
+
+def image_permutations(num_classes: int, indices: list[int], seed: int) -> torch.Tensor:
+    """pi for the images of a split at ``indices``, each drawn from its own (seed, index) stream, so an image's pi does
+    not depend on the batch it is attacked in."""
+    return torch.cat([derangement(num_classes, 1, torch.Generator().manual_seed(seed * 1_000_003 + i))
+                      for i in indices])
 
 
 @dataclass
@@ -44,7 +53,8 @@ class DAGResult:
     x_adv: torch.Tensor
     r: torch.Tensor  # x_adv - x
     adv_labels: torch.Tensor  # (N, T) l'_n (background targets: their own label)
-    iters: torch.Tensor  # (N,) iterations each image took (M_0 when it did not converge)
+    iters: torch.Tensor  # (N,) steps each image took (M_0 when it did not converge)
+    converged: torch.Tensor  # (N,) bool: no target of the image is still correct at the end
     active: list[list[int]] = field(default_factory=list)  # per iteration: active targets per image
 
 
@@ -58,30 +68,32 @@ class DAG:
 
     def perturb(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
                 valid: torch.Tensor | None = None, adv_labels: torch.Tensor | None = None,
-                progress: Callable[[int, int], None] | None = None) -> DAGResult:
+                progress: Callable[[int, int], None] | None = None, indices: list[int] | None = None) -> DAGResult:
         """``labels`` (N, T) class per target; ``valid`` (N, T) which targets count (default: non-background);
         ``adv_labels`` (N, T) overrides pi (fooling images, Sec 2.3.4: an arbitrary target label map);
-        ``progress(m, active)`` is called once per iteration with the active target count."""
+        ``progress(m, active)`` is called once per iteration with the active target count; ``indices`` are the
+        images' indices in their split (default 0..N-1; they seed each image's pi)."""
         x = x.detach()
         n = x.shape[0]
         valid = (labels != self.background) if valid is None else valid
         if adv_labels is None:
             with torch.no_grad():
                 c = logits_fn(x).shape[-1]
-            g = torch.Generator().manual_seed(self.seed)
-            maps = derangement(c, n, g, self.background).to(labels.device)
-            adv_labels = maps.gather(1, labels)
-        x_adv, iters, history = x.clone(), torch.full((n,), self.max_iters, dtype=torch.long), []
-        for m in range(self.max_iters):
-            x_adv.requires_grad_(True)
-            logits = logits_fn(x_adv)
+            idx = list(range(n)) if indices is None else indices
+            adv_labels = image_permutations(c, idx, self.seed).to(labels.device).gather(1, labels)
+        x_adv, history = x.clone(), []
+        iters = torch.full((n,), self.max_iters, dtype=torch.long, device=x.device)
+        for m in range(self.max_iters + 1):  # the last pass only checks X_{M_0}
+            x_adv.requires_grad_(m < self.max_iters)
+            with torch.set_grad_enabled(m < self.max_iters):
+                logits = logits_fn(x_adv)
             active = valid & (logits.argmax(-1) == labels)
             history.append(active.sum(1).tolist())
             if progress is not None:
                 progress(m, int(active.sum()))
             done = ~active.any(1)
             iters = torch.where(done & (iters == self.max_iters), torch.full_like(iters, m), iters)
-            if bool(done.all()):
+            if bool(done.all()) or m == self.max_iters:
                 break
             gap = logits.gather(-1, adv_labels[..., None]) - logits.gather(-1, labels[..., None])
             (r,) = torch.autograd.grad((gap.squeeze(-1) * active).sum(), x_adv)
@@ -89,7 +101,7 @@ class DAG:
             step = r * (scale * (~done)).view(-1, *([1] * (x.dim() - 1)))
             x_adv = (x_adv.detach() + step).clamp(0, 1)
         x_adv = x_adv.detach()
-        return DAGResult(x_adv, x_adv - x, adv_labels, iters, history)
+        return DAGResult(x_adv, x_adv - x, adv_labels, iters, done, history)
 
 
 def perceptibility(r: torch.Tensor) -> torch.Tensor:
@@ -117,4 +129,4 @@ def segmentation_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torc
     return fn
 
 
-__all__ = ["DAG", "DAGResult", "GAMMA", "derangement", "perceptibility", "permuted", "segmentation_logits"]
+__all__ = ["DAG", "DAGResult", "GAMMA", "derangement", "image_permutations", "perceptibility", "permuted", "segmentation_logits"]

@@ -191,8 +191,9 @@ def dense_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, nu
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=int(seed))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_dense, generator=gen,
-                      persistent_workers=num_workers > 0)
+                      num_workers=num_workers, collate_fn=collate_dense, generator=gen)
+    # no persistent workers: every epoch's iterator draws its worker seeds and then its order from ``gen``, so an
+    # epoch reseeded by the trainer has the same order in an unbroken and in a resumed run
 
 
 def dense_datasets(data: Any, task: str) -> tuple[Dataset, Dataset]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -101,10 +102,29 @@ class DagOutcome:
 
 def run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device: torch.device, limit: int = 0,
             progress: bool = True) -> DagOutcome:
-    """DAG (Algorithm 1) on the first ``limit`` (0 = all) images, batch by batch, with a progress bar."""
+    """DAG (Algorithm 1) on the first ``limit`` (0 = all) images, batch by batch, with a progress bar. ``r`` comes back
+    in half precision on the CPU (what ``perturbations.pt`` keeps and every score uses)."""
+    with _attack_mode(model):
+        return _run_dag(model, dataset, task, cfg, device, limit, progress)
+
+
+@contextmanager
+def _attack_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen weights while attacking; the model's modes and flags are restored afterwards."""
+    flags, was_training = [p.requires_grad for p in model.parameters()], model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def _run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device: torch.device, limit: int,
+             progress: bool) -> DagOutcome:
     n = min(len(dataset), limit) if limit else len(dataset)
     rs, out, t0 = [], DagOutcome(torch.empty(0)), time.time()
     attack = DAG(cfg.gamma_fraction, cfg.iters_for(task), cfg.seed)
@@ -116,15 +136,15 @@ def run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device: 
         batch = _head(batch, min(batch["image"].shape[0], n - seen))
         x = batch["image"].to(device)
         fn, labels, valid = dag_targets(model, x, batch, task, cfg)
-        has = valid.any(1)
+        has = valid.any(1).cpu()
         out.skipped_no_target += int((~has).sum())
         r = torch.zeros_like(x)
         if bool(has.any()):
             idx = torch.nonzero(has).flatten()
-            res = _attack_subset(attack, model, task, fn, x, labels, valid, idx, batch, cfg, bar)
-            r[idx] = res.r
-            _record(out, res, valid[idx], attack.max_iters)
-        rs.append(r.cpu())
+            res = _attack_subset(attack, fn, x, labels, valid, idx, batch, cfg, task, model, bar, seen)
+            r[idx.to(x.device)] = res.r
+            _record(out, res, valid[idx.to(valid.device)])
+        rs.append(r.half().cpu())  # half: a split's r of VOC size stays within memory
         seen += x.shape[0]
         if bar is not None:
             bar.update(x.shape[0])
@@ -135,26 +155,29 @@ def run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device: 
     return out
 
 
-def _attack_subset(attack: DAG, model: nn.Module, task: str, fn, x, labels, valid, idx, batch, cfg: DagCfg, bar):
-    """DAG on the images of the batch that have targets (detection rebuilds the padded logits for the subset)."""
+def _attack_subset(attack: DAG, fn, x, labels, valid, idx, batch, cfg: DagCfg, task: str, model: nn.Module, bar,
+                   first: int) -> DAGResult:
+    """DAG on the images of the batch that have targets (``idx``, on the CPU; detection rebuilds the padded logits for
+    the subset); ``first`` is the split index of the batch's first image."""
     if task == "detection" and len(idx) < x.shape[0]:
         sub = {k: [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx] for k, v in batch.items()}
-        fn, labels, valid = dag_targets(model, x[idx], sub, task, cfg)
+        fn, labels, valid = dag_targets(model, x[idx.to(x.device)], sub, task, cfg)
     else:
-        labels, valid = labels[idx], valid[idx]
+        labels, valid = labels[idx.to(labels.device)], valid[idx.to(valid.device)]
 
     def tick(m: int, active: int) -> None:
         if bar is not None and m % 10 == 0:
             bar.set_postfix_str(f"iter {m} active {active}")
 
-    return attack.perturb(fn, x[idx], labels, valid, progress=tick)
+    return attack.perturb(fn, x[idx.to(x.device)], labels, valid, progress=tick,
+                          indices=[first + i for i in idx.tolist()])
 
 
-def _record(out: DagOutcome, res: DAGResult, valid: torch.Tensor, max_iters: int) -> None:
+def _record(out: DagOutcome, res: DAGResult, valid: torch.Tensor) -> None:
     out.iters += res.iters.tolist()
     out.targets += valid.sum(1).tolist()
     out.p += perceptibility(res.r).tolist()
-    out.converged += (res.iters < max_iters).tolist()
+    out.converged += res.converged.tolist()
     for m, per_image in enumerate(res.active):
         if m >= len(out.active_curve):
             out.active_curve.append(0)

@@ -173,6 +173,7 @@ def build_dense_model(arch: str, num_classes: int, image_size: int, weights: str
         extra = {} if arch.startswith("lraspp") else {"aux_loss": False}
         net = getattr(tv_seg, arch)(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
     else:
+        anchors = det_options.pop("anchor_sizes", None)
         try:
             net = getattr(tv_det, arch)(weights=None, weights_backbone=None, num_classes=num_classes,
                                         min_size=image_size, max_size=image_size, image_mean=list(mean),
@@ -180,11 +181,26 @@ def build_dense_model(arch: str, num_classes: int, image_size: int, weights: str
         except TypeError as err:
             raise ConfigError(f"bad detection option for '{arch}' ({err})",
                               "use torchvision FasterRCNN keyword arguments, e.g. rpn_post_nms_top_n_test") from err
+        if anchors is not None:
+            _set_anchor_sizes(net, arch, anchors)
     if weights:
         load_dense_weights(net, weights, num_classes)
     if task == "segmentation":
         return SegmentationNet(net, num_classes, mean, std)
     return DetectionNet(net, num_classes)
+
+
+def _set_anchor_sizes(net: nn.Module, arch: str, sizes: Sequence[int]) -> None:
+    """``anchor_sizes``: five sizes in pixels replacing torchvision's (32, 64, 128, 256, 512), for images much smaller
+    than the 800 px it assumes: the MobileNetV3 FPN uses all five at each of its 3 levels, the ResNet-50 FPNs one per
+    level; the aspect ratios (0.5, 1, 2), and so the RPN head's shapes, stay."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if len(sizes) != 5 or any(not isinstance(v, (int, float)) or v <= 0 for v in sizes):
+        raise ConfigError(f"model.options.anchor_sizes = {sizes!r}", "give five positive sizes in pixels, e.g. "
+                          "[12, 16, 24, 32, 48]")
+    per_level = (tuple(sizes),) * 3 if "mobilenet" in arch else tuple((v,) for v in sizes)
+    net.rpn.anchor_generator = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
 
 
 def select_targets(proposals: Tensor, probs: Tensor, gt_boxes: Tensor, gt_labels: Tensor, iou_min: float = 0.1,

@@ -20,7 +20,7 @@ from torch import nn
 
 from atscale import distributed as dist
 from atscale.checkpoint import CheckpointDir, load_checkpoint
-from atscale.config.dense import DenseConfig, dense_from_dict, save_dense_config
+from atscale.config.dense import DagCfg, DenseConfig, dense_from_dict, save_dense_config
 from atscale.data.dense import collate_dense, dense_datasets, dense_loader
 from atscale.errors import CheckpointError, ConfigError, TrainingDiverged
 from atscale.fsio import atomic_write_bytes
@@ -102,20 +102,27 @@ class DenseTrainer:
         return {"kind": "dense", "config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
                 "flip_gen": self.flip_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "num_classes": self.num_classes}
 
     def resume(self) -> bool:
         if not self.ckpt.last.is_file():
             return False
         state = load_checkpoint(self.ckpt.last)
-        if state.get("kind") != "dense" or state["config"]["model"] != self.cfg.to_dict()["model"]:
-            raise CheckpointError(f"{self.ckpt.last} is not a checkpoint of this dense run (another model or kind)",
+        if state.get("kind") != "dense":
+            raise CheckpointError(f"{self.ckpt.last} is not a dense checkpoint", "use another run.name")
+        changed = _changed(state["config"], self.cfg.to_dict())
+        if changed:
+            raise CheckpointError(f"run folder {self.cfg.run_dir} holds a run with other settings ({', '.join(changed)})"
+                                  ": resuming would change its data or schedule mid-run",
                                   "use another run.name, or delete that run folder to start over")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.flip_gen.set_state(state["flip_gen"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return True
 
     def train_epoch(self, log: RunLog | None) -> dict[str, float]:
@@ -157,6 +164,21 @@ class DenseTrainer:
         self.opt.step()
         self.step += 1
         return float(loss.detach())
+
+
+_FREE_KEYS = {"data.num_workers", "data.eval_batch_size", "run.progress", "run.tensorboard", "run.device",
+              "run.keep_last", "run.out_dir", "run.name"} | {f"dag.{k}" for k in DagCfg.__dataclass_fields__}
+
+
+def _changed(saved: dict, now: dict) -> list[str]:
+    """The settings of a resumed run that differ from its checkpoint's, other than those that do not change training."""
+    out = []
+    for section, values in now.items():
+        for k, v in values.items():
+            key = f"{section}.{k}"
+            if key not in _FREE_KEYS and saved.get(section, {}).get(k) != v:
+                out.append(f"{key}: {saved.get(section, {}).get(k)!r} -> {v!r}")
+    return out
 
 
 def _bar(cfg: DenseConfig, total: int, desc: str):
