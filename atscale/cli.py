@@ -110,18 +110,10 @@ def _plan(argv: Sequence[str]) -> int:
 
 
 def _dense(argv: Sequence[str]) -> int:
-    a = parse_dense(argv)
-    from atscale import dense
+    parse_dense(argv)  # bad arguments answer before torch is imported
+    from atscale.dense import dense_cli
 
-    if a.action == "train":
-        dense.train(a.config, a.overrides)
-    elif a.action == "eval":
-        dense.evaluate(a.run)
-    elif a.action == "dag":
-        dense.dag(a.run, a.overrides, progress=not a.no_progress)
-    else:
-        dense.transfer(a.target, a.perturbation, a.permute, a.seed)
-    return 0
+    return dense_cli(argv)
 
 
 def _dispatch(argv: list[str]) -> int:

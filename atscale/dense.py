@@ -199,12 +199,28 @@ def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = 
     return res
 
 
-__all__ = ["train", "evaluate", "dag", "transfer", "dag_markdown", "load_perturbation", "PERTURBATIONS"]
+def dense_cli(argv: Sequence[str]) -> int:
+    """``atscale dense ...`` and ``python -m atscale.dense ...`` (the torchrun entry point)."""
+    from atscale.cli_args import parse_dense
+
+    a = parse_dense(argv)
+    if a.action == "train":
+        train(a.config, a.overrides)
+    elif a.action == "eval":
+        evaluate(a.run)
+    elif a.action == "dag":
+        dag(a.run, a.overrides, progress=not a.no_progress)
+    else:
+        transfer(a.target, a.perturbation, a.permute, a.seed)
+    return 0
+
+
+__all__ = ["train", "evaluate", "dag", "transfer", "dense_cli", "dag_markdown", "load_perturbation", "PERTURBATIONS"]
 
 
 if __name__ == "__main__":  # torchrun -m atscale.dense train --config ... (one process per GPU)
     import sys
 
-    from atscale.cli import main as _cli
+    from atscale.errors import run_command
 
-    sys.exit(_cli(["dense", *sys.argv[1:]]))
+    sys.exit(run_command("atscale dense", lambda: dense_cli(sys.argv[1:])))

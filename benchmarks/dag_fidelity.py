@@ -73,6 +73,10 @@ COMBOS = (("r_A", ["A"], False), ("r_B", ["B"], False), ("r_D", ["D"], False), (
           ("perm(r_A+r_D)", ["A", "D"], True), ("r_A+r_B", ["A", "B"], False), ("perm(r_A+r_B)", ["A", "B"], True))
 
 
+def _combos() -> list[tuple[str, list[str], bool]]:
+    return [c for c in COMBOS if set(c[1]) <= set(MODELS)]
+
+
 def seed_rows(work: Path, seed: int, other: int, extra: list[str]) -> dict:
     """Every score of one seed: the white-box rows, and each perturbation of this seed's models (single, summed,
     permuted) on this seed's models and on the other seed's (the twins, which no perturbation here comes from)."""
@@ -85,9 +89,9 @@ def seed_rows(work: Path, seed: int, other: int, extra: list[str]) -> dict:
     cross_train = {k: _score(run[k], [twin[k]]) for k in MODELS}
     cross_net = {"B<-A": _score(run["B"], [run["A"]]), "A<-B": _score(run["A"], [run["B"]])}
     combined = {f"{t}<-{name}": _score(run[t], [run[s] for s in src], perm)
-                for t in MODELS for name, src, perm in COMBOS}
+                for t in MODELS for name, src, perm in _combos()}
     on_twins = {f"{t}'<-{name}": _score(twin[t], [run[s] for s in src], perm)
-                for t in ("A", "B") for name, src, perm in COMBOS if "D" not in name}
+                for t in ("A", "B") for name, src, perm in _combos() if "D" not in name}
     return {"seed": seed, "other": other, "white": white, "twin_clean": twin_clean, "cross_train": cross_train,
             "cross_net": cross_net, "combined": combined, "on_twins": on_twins}
 
@@ -120,7 +124,7 @@ def claims(rows: list[dict]) -> list[dict]:
         out.append({"claim": f"4. {k}: cross-training transfer beats cross-network in every seed", "value":
                     f"drop {100 * (c - ct):.1f} (other seed) vs {100 * (c - cn):.1f} (other head); "
                     f"{sum(each)} of {len(each)} seeds", "verdict": _v(all(each))})
-    for t in ("A'", "B'", "D"):
+    for t in [t for t in ("A'", "B'", "D") if t.rstrip("'") in MODELS]:
         group = "on_twins" if t.endswith("'") else "combined"
         key = t.rstrip("'")
         comb, perm = _mean(rows, (group, f"{t}<-r_A+r_B")), _mean(rows, (group, f"{t}<-perm(r_A+r_B)"))
@@ -137,6 +141,11 @@ def _v(ok: bool) -> str:
     return "reproduced" if ok else "not reproduced"
 
 
+def _cells(rows: list[dict], group: str, field: str | None = None) -> list[str]:
+    return [f"{100 * _mean(rows, (group, k) + ((field,) if field else ())):.1f}" if k in MODELS else "-"
+            for k in "ABD"]
+
+
 def markdown(rows: list[dict], found: list[dict]) -> str:
     seeds = ", ".join(str(r["seed"]) for r in rows)
     lines = [f"# DAG fidelity on the embedded scenes (seeds {seeds}; {IMAGES} val images; mean over seeds)", "",
@@ -149,19 +158,17 @@ def markdown(rows: list[dict], found: list[dict]) -> str:
                      f"{g['p_mean']:.4f} | {g['iters_mean']:.1f} | {100 * g['converged']:.0f}% |")
     lines += ["", "## Tables 2.2-2.3: transfer (rows: source of r, columns: attacked model)", "",
               "| r from | A | B | D |", "|---|---|---|---|",
-              "| none (clean) | " + " | ".join(f"{100 * _mean(rows, ('white', k, 'clean')):.1f}" for k in MODELS) + " |",
-              "| itself (white-box) | " + " | ".join(f"{100 * _mean(rows, ('white', k, 'dag')):.1f}"
-                                                  for k in MODELS) + " |",
-              "| same architecture, other seed | " + " | ".join(f"{100 * _mean(rows, ('cross_train', k)):.1f}"
-                                                             for k in MODELS) + " |",
+              "| none (clean) | " + " | ".join(_cells(rows, "white", "clean")) + " |",
+              "| itself (white-box) | " + " | ".join(_cells(rows, "white", "dag")) + " |",
+              "| same architecture, other seed | " + " | ".join(_cells(rows, "cross_train")) + " |",
               f"| other head (B for A, A for B) | {100 * _mean(rows, ('cross_net', 'A<-B')):.1f} | "
               f"{100 * _mean(rows, ('cross_net', 'B<-A')):.1f} | - |", "",
               "## Table 2.4: cross-task and combined perturbations (A', B': the other seed's models)", "",
               "| r | A | B | D | A' | B' |", "|---|---|---|---|---|---|",
-              "| none (clean) | " + " | ".join(f"{100 * _mean(rows, ('white', k, 'clean')):.1f}" for k in MODELS)
-              + " | " + " | ".join(f"{100 * _mean(rows, ('twin_clean', k)):.1f}" for k in ("A", "B")) + " |"]
-    for name, _, _ in COMBOS:
-        cells = [f"{100 * _mean(rows, ('combined', f'{k}<-{name}')):.1f}" for k in MODELS]
+              "| none (clean) | " + " | ".join(f"{100 * _mean(rows, ('white', k, 'clean')):.1f}" if k in MODELS
+                                               else "-" for k in "ABD") + " | " + " | ".join(f"{100 * _mean(rows, ('twin_clean', k)):.1f}" for k in ("A", "B")) + " |"]
+    for name, _, _ in _combos():
+        cells = [f"{100 * _mean(rows, ('combined', f'{k}<-{name}')):.1f}" if k in MODELS else "-" for k in "ABD"]
         cells += [f"{100 * _mean(rows, ('on_twins', f'{k}<-{name}')):.1f}" if "D" not in name else "-"
                   for k in ("A'", "B'")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -180,9 +187,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="val images attacked per model")
     ap.add_argument("--work", default="runs/dag_fidelity", help="run folders (kept, so a rerun resumes)")
     ap.add_argument("--out", default="benchmarks/results/dag_fidelity_scenes")
+    ap.add_argument("--models", default="A,B,D", help="which of A, B (needed) and D to train and attack")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every training run, e.g. optim.epochs=2")
     a = ap.parse_args()
     IMAGES = a.images
+    global MODELS
+    MODELS = {k: MODELS[k] for k in a.models.split(",")}
     seeds = [int(s) for s in a.seeds.split(",")]
     if len(seeds) < 2:
         raise SystemExit("--seeds needs at least two seeds (cross-training transfer pairs each with another)")
@@ -194,7 +204,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "images": IMAGES, "rows": rows,
                                                     "claims": found, "overrides": a.overrides}, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, found))
-    for k in ("A", "D"):
+    for k in [k for k in ("A", "D") if k in MODELS]:
         src = work / f"{k}{seeds[0]}" / "dag" / "examples.png"
         (out.parent / f"{out.name}_examples_{k}.png").write_bytes(src.read_bytes())
     print(markdown(rows, found))

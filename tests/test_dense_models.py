@@ -242,3 +242,12 @@ def test_segmentation_targets() -> None:
     labels, valid = segmentation_targets(masks)
     assert labels.tolist() == [[0, 1, 0, 3]] and valid.tolist() == [[False, True, False, True]]
 
+
+
+def test_anchor_sizes_for_small_images() -> None:
+    net = build_dense_model(DET, 5, SIZE, anchor_sizes=[8, 12, 16, 24, 32])
+    assert net.net.rpn.anchor_generator.sizes == ((8, 12, 16, 24, 32),) * 3
+    with torch.no_grad():
+        assert len(net.eval()(torch.rand(1, 3, SIZE, SIZE))) == 1  # the RPN head's shapes still fit
+    with pytest.raises(ConfigError, match="five positive sizes"):
+        build_dense_model(DET, 5, SIZE, anchor_sizes=[8, 16])

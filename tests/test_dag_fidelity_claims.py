@@ -1,0 +1,64 @@
+"""The DAG fidelity benchmark's verdict rules (benchmarks/dag_fidelity.py): each claim follows its stated rule on hand-made
+scores, and a work folder made with other settings is refused instead of reused."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import dag_fidelity as fid  # noqa: E402
+
+
+def _row(seed: int, dag: float = 0.05, perm: float = 0.79, cross_train: float = 0.4, cross_net: float = 0.7,
+         comb: float = 0.3, single: float = 0.6, comb_perm: float = 0.79) -> dict:
+    white = {k: {"clean": 0.8, "dag": dag, "perm": perm, "p_mean": 0.002, "iters_mean": 30.0, "converged": 1.0,
+                 "metric": "miou"} for k in fid.MODELS}
+    combined, on_twins = {}, {}
+    for name, _, _ in fid.COMBOS:
+        value = comb if name == "r_A+r_B" else comb_perm if name.startswith("perm") else single
+        for t in fid.MODELS:
+            combined[f"{t}<-{name}"] = value
+        if "D" not in name:
+            for t in ("A'", "B'"):
+                on_twins[f"{t}<-{name}"] = value
+    return {"seed": seed, "white": white, "twin_clean": {k: 0.8 for k in fid.MODELS},
+            "cross_train": {k: cross_train for k in fid.MODELS}, "cross_net": {"A<-B": cross_net, "B<-A": cross_net},
+            "combined": combined, "on_twins": on_twins}
+
+
+def _verdicts(rows: list[dict]) -> dict[str, str]:
+    return {c["claim"]: c["verdict"] for c in fid.claims(rows)}
+
+
+def test_the_thesis_pattern_reproduces_every_claim():
+    v = _verdicts([_row(0), _row(1)])
+    assert set(v.values()) == {"reproduced"} and len(v) == 3 * 3 + 2 + 3
+
+
+@pytest.mark.parametrize("change, claim", [
+    ({"dag": 0.3}, "1. DAG drops A"),
+    ({"perm": 0.5}, "3. A: PERM drop"),
+    ({"cross_train": 0.75}, "4. A: cross-training"),
+    ({"comb": 0.65}, "5. A' (no source)"),
+    ({"comb_perm": 0.5}, "5. D (no source)"),
+])
+def test_each_claim_fails_when_its_pattern_is_absent(change, claim):
+    v = _verdicts([_row(0, **change), _row(1, **change)])
+    hits = [k for k in v if k.startswith(claim)]
+    assert hits and all(v[k] == "not reproduced" for k in hits)
+
+
+def test_cross_training_must_win_in_every_seed():
+    v = _verdicts([_row(0), _row(1, cross_train=0.72)])  # the mean still favours it; one seed does not
+    assert v["4. A: cross-training transfer beats cross-network in every seed"] == "not reproduced"
+
+
+def test_a_work_folder_made_with_other_settings_is_refused(tmp_path):
+    folder = tmp_path / "A0"
+    folder.mkdir()
+    (folder / "fidelity_settings.json").write_text(json.dumps({"overrides": ["optim.epochs=1"], "images": 64}))
+    with pytest.raises(SystemExit, match="another --work"):
+        fid._run(tmp_path, "A", 0, [])
