@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from atscale.config.dense import DenseConfig, dense_from_dict, load_dense_config
+from atscale.config.dense import DenseConfig, load_dense_config, with_dense_overrides
 from atscale.errors import ConfigError, DatasetError
 from atscale.fsio import atomic_write_bytes
 
@@ -45,19 +45,6 @@ def _val_identity(cfg: DenseConfig) -> dict[str, Any]:
     return ident
 
 
-def _with_dag(cfg: DenseConfig, overrides: Sequence[str]) -> DenseConfig:
-    values = cfg.to_dict()
-    for ov in overrides:
-        key, _, raw = ov.partition("=")
-        section, _, name = key.partition(".")
-        if section != "dag" or not name or not raw:
-            raise ConfigError(f"override '{ov}' is not a dag.* setting", "pass dag.key=value, e.g. dag.max_iters=50")
-        import yaml
-
-        values["dag"][name] = yaml.safe_load(raw)
-    return dense_from_dict(values)
-
-
 def evaluate(run: str | Path) -> dict[str, Any]:
     from atscale.data.dense import dense_datasets
     from atscale.evaluation.dense_eval import clean_metrics
@@ -76,11 +63,12 @@ def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -
     from atscale.data.dense import dense_datasets
     from atscale.evaluation.dense_eval import perm_scores, run_dag, score_perturbed
     from atscale.reporting.dense_figures import plot_active, plot_examples
+    from atscale.checkpoint import save_checkpoint
     from atscale.training.dense import load_dense_run
 
     device = _device()
     cfg, model = load_dense_run(run, device)
-    cfg = _with_dag(cfg, overrides)
+    cfg = with_dense_overrides(cfg, overrides, ("dag",))
     val = dense_datasets(cfg.data, cfg.task)[1]
     out = run_dag(model, val, cfg.task, cfg.dag, device, limit=cfg.dag.images, progress=progress)
     n, bs = out.r.shape[0], cfg.data.eval_batch_size
@@ -90,9 +78,8 @@ def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -
     report = _report(cfg, n, clean, adv, perm, out)
     folder = Path(run) / "dag"
     folder.mkdir(parents=True, exist_ok=True)
-    buf = _tensor_bytes({"r": out.r, "val": _val_identity(cfg), "arch": cfg.model.arch, "task": cfg.task,
-                         "dag": cfg.to_dict()["dag"]})
-    atomic_write_bytes(folder / PERTURBATIONS, buf)
+    save_checkpoint({"r": out.r, "val": _val_identity(cfg), "arch": cfg.model.arch, "task": cfg.task,
+                     "dag": cfg.to_dict()["dag"]}, folder / PERTURBATIONS)
     atomic_write_bytes(folder / "dag.json", (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(folder / "dag.md", dag_markdown(report).encode())
     plot_examples(_examples(model, val, cfg.task, out.r, device), cfg.task, folder / "examples.png",
@@ -121,14 +108,6 @@ def _examples(model, dataset, task: str, r: torch.Tensor, device: torch.device, 
     return {"image": x, "adv": x_adv, "r": (0.5 + _R_GAIN * r[:x.shape[0]].float()).clamp(0, 1), "gt_mask":
             batch["mask"], "gt_boxes": batch["boxes"], "gt_labels": batch["labels"], "clean": predict(x),
             "dag": predict(x_adv)}
-
-
-def _tensor_bytes(obj: Any) -> bytes:
-    import io
-
-    b = io.BytesIO()
-    torch.save(obj, b)
-    return b.getvalue()
 
 
 def _metric_name(task: str) -> str:

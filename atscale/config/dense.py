@@ -11,7 +11,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from atscale.config.load import _apply, _set_overrides
+from atscale.config.load import _apply, _set_overrides, parse_override
 from atscale.config.schema import Sections
 from atscale.errors import ConfigError
 from atscale.fsio import atomic_write_bytes
@@ -162,9 +162,23 @@ def load_dense_config(path: str | Path | None = None, overrides: Sequence[str] =
     return dense_from_dict(values)
 
 
+def with_dense_overrides(cfg: DenseConfig, overrides: Sequence[str], sections: Sequence[str]) -> DenseConfig:
+    """A validated copy of ``cfg`` with ``section.key=value`` overrides of the given ``sections`` only (``atscale dense
+    dag`` keeps the trained run's data and model)."""
+    for ov in overrides:
+        section = parse_override(ov)[0][0]
+        if section not in sections:
+            raise ConfigError(f"override '{ov}' is not a {' / '.join(s + '.*' for s in sections)} setting",
+                              "pass e.g. dag.max_iters=50")
+    values = cfg.to_dict()
+    _set_overrides(values, overrides)
+    return dense_from_dict(values)
+
+
 def save_dense_config(cfg: DenseConfig, path: str | Path) -> None:
     atomic_write_bytes(Path(path), cfg.to_yaml().encode())
 
 
 __all__ = ["DenseConfig", "DenseDataCfg", "DenseModelCfg", "DenseOptimCfg", "DagCfg", "DenseRunCfg", "DAG_ITERS",
-           "SEGMENTATION_ARCHS", "DETECTION_ARCHS", "load_dense_config", "dense_from_dict", "save_dense_config"]
+           "SEGMENTATION_ARCHS", "DETECTION_ARCHS", "load_dense_config", "dense_from_dict", "save_dense_config",
+           "with_dense_overrides"]
