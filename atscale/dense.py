@@ -46,13 +46,13 @@ def _val_identity(cfg: DenseConfig) -> dict[str, Any]:
 
 
 def evaluate(run: str | Path) -> dict[str, Any]:
-    from atscale.data.dense import dense_datasets
+    from atscale.data.dense import dense_split
     from atscale.evaluation.dense_eval import clean_metrics
     from atscale.training.dense import load_dense_run
 
     device = _device()
     cfg, model = load_dense_run(run, device)
-    val = dense_datasets(cfg.data, cfg.task)[1]
+    val = dense_split(cfg.data, cfg.task, "val")
     out = clean_metrics(model, val, cfg.task, cfg.data.eval_batch_size, device)
     print(json.dumps(out))
     return out
@@ -60,7 +60,7 @@ def evaluate(run: str | Path) -> dict[str, Any]:
 
 def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
     """DAG on a run's val images; writes ``<run>/dag/`` and returns the report."""
-    from atscale.data.dense import dense_datasets
+    from atscale.data.dense import dense_split
     from atscale.evaluation.dense_eval import perm_scores, run_dag, score_perturbed
     from atscale.reporting.dense_figures import plot_active, plot_examples
     from atscale.checkpoint import save_checkpoint
@@ -69,7 +69,7 @@ def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -
     device = _device()
     cfg, model = load_dense_run(run, device)
     cfg = with_dense_overrides(cfg, overrides, ("dag",))
-    val = dense_datasets(cfg.data, cfg.task)[1]
+    val = dense_split(cfg.data, cfg.task, "val")
     out = run_dag(model, val, cfg.task, cfg.dag, device, limit=cfg.dag.images, progress=progress)
     n, bs = out.r.shape[0], cfg.data.eval_batch_size
     clean = score_perturbed(model, val, cfg.task, device, None, bs, limit=n)
@@ -152,7 +152,7 @@ def load_perturbation(path: str | Path) -> dict[str, Any]:
 def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = False, seed: int = 0) -> dict:
     """The target run's metric on its val images plus the sum of the sources' perturbations (thesis Sec 2.4)."""
     from atscale.attacks.dag import permuted
-    from atscale.data.dense import dense_datasets
+    from atscale.data.dense import dense_split
     from atscale.evaluation.dense_eval import score_perturbed
     from atscale.training.dense import load_dense_run
 
@@ -169,7 +169,7 @@ def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = 
     r = sum(p["r"][:n].float() for p in parts)
     if permute:
         r = permuted(r, torch.Generator().manual_seed(seed))
-    val = dense_datasets(cfg.data, cfg.task)[1]
+    val = dense_split(cfg.data, cfg.task, "val")
     out = score_perturbed(model, val, cfg.task, device, r, cfg.data.eval_batch_size, limit=n)
     key = _metric_name(cfg.task)
     res = {"target": cfg.model.arch, "task": cfg.task, "sources": [p["arch"] for p in parts], "permuted": permute,

@@ -25,7 +25,7 @@ from atscale.data.scenes import NUM_CLASSES, Scenes, make_scenes
 from atscale.errors import ConfigError, DatasetError
 
 __all__ = ["IGNORE_INDEX", "SCENE_CLASSES", "VOC_CLASSES", "SceneDataset", "VOCDense", "collate_dense", "dense_loader",
-           "dense_datasets"]
+           "dense_datasets", "dense_split"]
 
 IGNORE_INDEX = 255
 SCENE_CLASSES = ("background",) + tuple(str(d) for d in range(10))
@@ -196,18 +196,23 @@ def dense_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, nu
     # epoch reseeded by the trainer has the same order in an unbroken and in a resumed run
 
 
-def dense_datasets(data: Any, task: str) -> tuple[Dataset, Dataset]:
-    """(train, val) from a data config (``atscale.config.dense.DenseDataCfg`` fields). Scenes: ``n_train`` / ``n_val``
-    scenes from ``seed`` / ``val_seed``; VOC: image sets train / val (2007: trainval / test, as in Xie Sec 2.3.3)."""
+def dense_split(data: Any, task: str, split: str) -> Dataset:
+    """The ``split`` ("train" or "val") of a data config (``atscale.config.dense.DenseDataCfg`` fields). Scenes:
+    ``n_train`` / ``n_val`` scenes from ``seed`` / ``val_seed``; VOC: image sets train / val (2007: trainval / test,
+    as in Xie Sec 2.3.3)."""
     if data.source == "scenes":
-        common = dict(size=data.image_size, max_digits=data.max_digits, scale=tuple(data.digit_size))
-        return (SceneDataset(make_scenes(data.n_train, split="train", seed=data.seed, **common)),
-                SceneDataset(make_scenes(data.n_val, split="val", seed=data.val_seed, **common)))
+        n, seed = (data.n_train, data.seed) if split == "train" else (data.n_val, data.val_seed)
+        return SceneDataset(make_scenes(n, size=data.image_size, split=split, max_digits=data.max_digits,
+                                        scale=tuple(data.digit_size), seed=seed))
     if data.source == "voc":
         if not data.root:
             raise ConfigError("data.root is empty but data.source = 'voc'",
                               "set data.root to the folder holding VOCdevkit/")
-        sets = ("trainval", "test") if str(data.year) == "2007" else ("train", "val")
-        train, val = (VOCDense(data.root, task, str(data.year), s, data.image_size) for s in sets)
-        return train, val
+        sets = {"train": "trainval", "val": "test"} if str(data.year) == "2007" else {"train": "train", "val": "val"}
+        return VOCDense(data.root, task, str(data.year), sets[split], data.image_size)
     raise ConfigError(f"data.source = {data.source!r} is not a dense dataset", "use 'scenes' or 'voc'")
+
+
+def dense_datasets(data: Any, task: str) -> tuple[Dataset, Dataset]:
+    """(train, val): :func:`dense_split` of both."""
+    return dense_split(data, task, "train"), dense_split(data, task, "val")
