@@ -87,7 +87,7 @@ def test_voc_segmentation_resizes_masks_with_nearest(voc_root: Path) -> None:
         assert it["boxes"].shape == (0, 4) and it["labels"].shape == (0,)
 
 
-def test_voc_detection_scales_boxes_and_drops_difficult(voc_root: Path) -> None:
+def test_voc_detection_scales_boxes_and_ignores_difficult(voc_root: Path) -> None:
     ds = VOCDense(voc_root, task="detection", size=20)
     assert len(ds) == 3
     it = ds[0]  # 40 x 30 image -> 20 x 20: x * 0.5, y * 2/3; 1-based (5, 3, 20, 14) -> 0-based (4, 2, 20, 14)
@@ -97,8 +97,11 @@ def test_voc_detection_scales_boxes_and_drops_difficult(voc_root: Path) -> None:
     whole = ds[1]  # a box over the whole 24 x 36 image covers the whole resized image
     assert torch.allclose(whole["boxes"], torch.tensor([[0.0, 0, 20, 20]]))
     assert ds[2]["boxes"].shape == (0, 4) and ds[2]["labels"].shape == (0,)
+    assert it["ignore_labels"].tolist() == [VOC_CLASSES.index("cat")]  # difficult: scaled like the others
+    assert torch.allclose(it["ignore_boxes"], torch.tensor([[10.5, 6, 19, 56 / 3]]))
+    assert ds[1]["ignore_boxes"].shape == (0, 4)
     kept = VOCDense(voc_root, task="detection", size=20, keep_difficult=True)[0]
-    assert kept["labels"].tolist() == [12, 8, 15]
+    assert kept["labels"].tolist() == [12, 8, 15] and kept["ignore_labels"].shape == (0,)
 
 
 def test_voc_missing_root_and_layout_errors(voc_root: Path, tmp_path: Path) -> None:

@@ -96,6 +96,24 @@ def test_map_one_tp_below_one_fp_and_101_point_interpolation() -> None:
     assert m.compute()["map50"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-6)
 
 
+def test_map_ignored_objects_are_neither_hit_nor_miss() -> None:
+    # One ordinary and one ignored (VOC difficult) ground truth. A detection on the ignored one, scored above the
+    # true positive, would be a false positive (AP 0.5, as above) if the object were dropped; ignored, it is not
+    # counted, and missing the ignored object costs no recall: AP = 1.
+    gt = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1]),
+          "ignore_boxes": torch.tensor([[40.0, 40, 50, 50]]), "ignore_labels": torch.tensor([1])}
+    dropped = DetectionMAP()
+    dropped.update([_det([[40, 40, 50, 50], [0, 0, 10, 10]], [0.9, 0.8], [1, 1])], [{k: gt[k] for k in
+                                                                                      ("boxes", "labels")}])
+    assert dropped.compute()["map50"] == pytest.approx(0.5)
+    ignored = DetectionMAP()
+    ignored.update([_det([[40, 40, 50, 50], [0, 0, 10, 10]], [0.9, 0.8], [1, 1])], [gt])
+    assert ignored.compute()["map50"] == pytest.approx(1.0)
+    missed = DetectionMAP()
+    missed.update([_det([[0, 0, 10, 10]], [0.8], [1])], [gt])
+    assert missed.compute()["map50"] == pytest.approx(1.0)
+
+
 def test_map_input_checks() -> None:
     m = DetectionMAP()
     with pytest.raises(ValueError, match="2 prediction dicts for 1 target"):

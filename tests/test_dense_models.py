@@ -251,3 +251,81 @@ def test_anchor_sizes_for_small_images() -> None:
         assert len(net.eval()(torch.rand(1, 3, SIZE, SIZE))) == 1  # the RPN head's shapes still fit
     with pytest.raises(ConfigError, match="five positive sizes"):
         build_dense_model(DET, 5, SIZE, anchor_sizes=[8, 16])
+
+
+def test_frozen_bn_keeps_the_loaded_statistics_in_training(tmp_path: Path) -> None:
+    path = tmp_path / "det.pt"
+    torch.manual_seed(0)
+    det = build_dense_model(DET, 5, SIZE)
+    with torch.no_grad():  # statistics a pretrained backbone would have
+        for m in det.net.backbone.body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(det.state_dict(), path)
+    tuned = build_dense_model(DET, 5, SIZE, weights=path, frozen_bn=True)
+    body = tuned.net.backbone.body
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    assert all(torch.equal(before[k], det.net.backbone.body.state_dict()[k]) for k in before)
+    tuned.train()
+    opt = torch.optim.SGD(tuned.parameters(), lr=0.1)
+    boxes = [{"boxes": torch.tensor([[8.0, 8, 40, 40]]), "labels": torch.tensor([1])}] * 2
+    sum(tuned(_images(2), boxes).values()).backward()
+    opt.step()
+    after = body.state_dict()
+    frozen = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    plain = build_dense_model(DET, 5, SIZE, weights=path)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.backbone.body.modules())
+
+
+def test_frozen_bn_without_weights_is_refused() -> None:
+    from atscale.config.dense import load_dense_config
+
+    with pytest.raises(ConfigError, match="frozen_bn.*model.weights is empty"):
+        load_dense_config(None, [f"model.arch={DET}", "model.options.frozen_bn=true"])
+
+
+def test_detector_rescaling_inside_keeps_boxes_and_gradients_in_the_input_frame() -> None:
+    up = build_dense_model(DET, 5, SIZE, min_size=2 * SIZE, rpn_score_thresh=0.0).eval()
+    assert up.net.transform.min_size == (2 * SIZE,) and up.net.transform.max_size == 2 * SIZE
+    x = _images(1).requires_grad_(True)
+    batch, _ = up.net.transform(list(x))
+    assert batch.tensors.shape[-2:] == (2 * SIZE, 2 * SIZE)
+    props = up.proposals(x.detach())
+    assert props[0].numel() and float(props[0].max()) <= SIZE
+    box = torch.tensor([[8.0, 8, 40, 40]])
+    logits = up.class_logits(x, [box])[0]
+    logits[0, 1].backward()
+    assert x.grad.shape == x.shape and float(x.grad.abs().sum()) > 0
+    # the same box in the 2x frame of a model that sees the rescaled image directly gives the same logits
+    same = build_dense_model(DET, 5, 2 * SIZE, rpn_score_thresh=0.0).eval()
+    same.load_state_dict(up.state_dict())
+    with torch.no_grad():
+        direct = same.class_logits(batch.tensors, [box * 2])[0]
+    assert torch.allclose(direct, logits.detach(), atol=1e-5)
+
+
+def test_returned_layers_add_finer_fpn_levels_and_are_refused_elsewhere() -> None:
+    torch.manual_seed(0)
+    fine = build_dense_model(DET, 5, SIZE, returned_layers=[2, 3, 4, 5], rpn_score_thresh=0.0).eval()
+    plain = build_dense_model(DET, 5, SIZE).eval()
+    with torch.no_grad():
+        maps = fine.net.backbone(_images(1))
+        coarse = plain.net.backbone(_images(1))
+    assert [tuple(v.shape[-2:]) for v in maps.values()] == [(8, 8), (4, 4), (2, 2), (2, 2), (1, 1)]
+    assert [tuple(v.shape[-2:]) for v in coarse.values()] == [(2, 2), (2, 2), (1, 1)]
+    assert len(fine.net.rpn.anchor_generator.sizes) == len(maps)
+    # the same torchvision parts: stages [4, 5] give torchvision's own model, key for key
+    same = build_dense_model(DET, 5, SIZE, returned_layers=[4, 5])
+    assert same.state_dict().keys() == plain.state_dict().keys()
+    x = _images(1)
+    with torch.no_grad():
+        assert fine(x)[0]["boxes"].shape[1] == 4
+    sized = build_dense_model(DET, 5, SIZE, returned_layers=[2, 3, 4, 5], anchor_sizes=[8, 16, 24, 32, 48])
+    assert sized.net.rpn.anchor_generator.sizes == ((8, 16, 24, 32, 48),) * 5
+    with pytest.raises(ConfigError, match="returned_layers picks MobileNetV3 stages"):
+        build_dense_model("fasterrcnn_resnet50_fpn", 5, SIZE, returned_layers=[2, 3])
+    with pytest.raises(ConfigError, match="returned_layers"):
+        build_dense_model(DET, 5, SIZE, returned_layers=[7])

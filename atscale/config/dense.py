@@ -134,6 +134,10 @@ def _validate(cfg: DenseConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if cfg.model.options.get("frozen_bn") and not cfg.model.weights:
+        raise ConfigError("model.options.frozen_bn freezes the backbone's BatchNorm at loaded statistics, but "
+                          "model.weights is empty (from scratch it would freeze the initial mean 0 / var 1)",
+                          "set model.weights to a local torchvision state dict or drop frozen_bn")
     if cfg.task == "segmentation" and cfg.model.options:
         raise ConfigError("model.options are detection (FasterRCNN) arguments; a segmentation model takes none",
                           "remove model.options")

@@ -2,8 +2,10 @@
 2.4: the transfer experiments on the same sets), all yielding one item format:
 
 ``{"image": float (3, H, W) in [0, 1], "mask": long (H, W) with 255 = ignore, "boxes": float (K, 4) xyxy pixels,
-"labels": long (K,) in 1..C-1}``; class 0 is the background. Boxes are 0-based with exclusive ends (x2 = last
-column + 1), like :mod:`atscale.data.scenes`.
+"labels": long (K,) in 1..C-1, "ignore_boxes": float (M, 4), "ignore_labels": long (M,)}``; class 0 is the background.
+Boxes are 0-based with exclusive ends (x2 = last column + 1), like :mod:`atscale.data.scenes`. ``ignore_*`` are the
+objects VOC marks difficult: not trained on, not attacked, and neither a hit nor a miss in mAP (the VOC protocol;
+empty for the scenes).
 
 - :class:`SceneDataset`: the embedded digit scenes (no download).
 - :class:`VOCDense`: Pascal VOC read from disk through torchvision (``download=False``: atscale never downloads VOC),
@@ -40,9 +42,15 @@ _VOC_TARS = {
 _TASKS = {"segmentation": ("Segmentation", "SegmentationClass", ".png"), "detection": ("Main", "Annotations", ".xml")}
 
 
-def _item(image: torch.Tensor, mask: torch.Tensor, boxes: torch.Tensor,
-          labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"image": image, "mask": mask, "boxes": boxes, "labels": labels}
+def _no_boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+
+
+def _item(image: torch.Tensor, mask: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+          ignore: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    ignore_boxes, ignore_labels = ignore if ignore is not None else _no_boxes()
+    return {"image": image, "mask": mask, "boxes": boxes, "labels": labels, "ignore_boxes": ignore_boxes,
+            "ignore_labels": ignore_labels}
 
 
 class SceneDataset(Dataset):
@@ -84,7 +92,8 @@ def _voc_layout_error(root: Path, year: str, what: Path) -> DatasetError:
 
 class VOCDense(Dataset):
     """Pascal VOC ``task`` ("segmentation" or "detection") from ``<root>/VOCdevkit/VOC<year>``, resized to
-    ``size`` x ``size``; ``keep_difficult`` keeps the objects VOC marks difficult (dropped by default)."""
+    ``size`` x ``size``. Objects VOC marks difficult go to ``ignore_boxes`` (VOC protocol: neither trained on nor
+    counted by mAP), or, with ``keep_difficult``, count as ordinary objects."""
 
     num_classes = len(VOC_CLASSES)
     class_names = VOC_CLASSES
@@ -143,20 +152,21 @@ class VOCDense(Dataset):
             if ((m >= self.num_classes) & (m != IGNORE_INDEX)).any():
                 raise DatasetError(f"VOC mask {self.base.masks[i]} has values outside 0..20 and 255",
                                    "use the palette PNGs of SegmentationClass/, not coloured RGB renderings")
-            no_boxes = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
-            return _item(image, torch.from_numpy(m.astype(np.int64)), *no_boxes)
-        boxes, labels = self._objects(target, i)
-        boxes[:, 0::2] *= self.size / w
-        boxes[:, 1::2] *= self.size / h
+            return _item(image, torch.from_numpy(m.astype(np.int64)), *_no_boxes())
+        (boxes, labels), ignore = self._objects(target, i, difficult=False), self._objects(target, i, difficult=True)
+        for b in (boxes, ignore[0]):
+            b[:, 0::2] *= self.size / w
+            b[:, 1::2] *= self.size / h
         mask = torch.full((self.size, self.size), IGNORE_INDEX, dtype=torch.long)
-        return _item(image, mask, boxes, labels)
+        return _item(image, mask, boxes, labels, ignore)
 
-    def _objects(self, target: dict[str, Any], i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """VOC's 1-based inclusive pixel boxes -> 0-based xyxy with exclusive ends: (xmin - 1, ymin - 1, xmax, ymax)."""
+    def _objects(self, target: dict[str, Any], i: int, difficult: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ordinary (or, with ``difficult``, the ignored) objects: VOC's 1-based inclusive pixel boxes -> 0-based
+        xyxy with exclusive ends (xmin - 1, ymin - 1, xmax, ymax)."""
         objs = target["annotation"].get("object", [])
         boxes, labels = [], []
         for obj in objs if isinstance(objs, list) else [objs]:
-            if int(obj.get("difficult", 0)) and not self.keep_difficult:
+            if (bool(int(obj.get("difficult", 0))) and not self.keep_difficult) != difficult:
                 continue
             if obj["name"] not in self._to_index:
                 raise DatasetError(f"VOC annotation {self.base.annotations[i]} names class {obj['name']!r}, not one "
@@ -168,15 +178,17 @@ class VOCDense(Dataset):
 
 
 def collate_dense(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Stack images and masks; keep per-image boxes and labels as lists (their counts differ)."""
+    """Stack images and masks; keep per-image boxes and labels (ordinary and ignored) as lists (their counts
+    differ)."""
     if not batch:
         raise ValueError("collate_dense got an empty batch")
     sizes = {tuple(item["image"].shape) for item in batch}
     if len(sizes) > 1:
         raise ConfigError(f"a batch mixes image sizes {sorted(sizes)}",
                           "resize every image to one size (VOCDense(size=...)) or use batch_size=1")
+    lists = {k: [b[k] for b in batch] for k in ("boxes", "labels", "ignore_boxes", "ignore_labels")}
     return {"image": torch.stack([b["image"] for b in batch]), "mask": torch.stack([b["mask"] for b in batch]),
-            "boxes": [b["boxes"] for b in batch], "labels": [b["labels"] for b in batch]}
+            **lists}
 
 
 def dense_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,

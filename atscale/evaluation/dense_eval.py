@@ -36,7 +36,8 @@ def _update(metric: MeanIoU | DetectionMAP, model: nn.Module, x: torch.Tensor, b
         metric.update(model(x).argmax(1).cpu(), batch["mask"])
         return
     preds = [{k: v.cpu() for k, v in p.items()} for p in model(x)]
-    metric.update(preds, [{"boxes": b, "labels": lb} for b, lb in zip(batch["boxes"], batch["labels"])])
+    keys = ("boxes", "labels", "ignore_boxes", "ignore_labels")
+    metric.update(preds, [dict(zip(keys, row)) for row in zip(*(batch[k] for k in keys))])
 
 
 def score_perturbed(model: nn.Module, dataset: Dataset, task: str, device: torch.device, r: torch.Tensor | None = None,

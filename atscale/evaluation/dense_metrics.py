@@ -110,6 +110,18 @@ def _as_tensors(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, torch.Ten
     return out
 
 
+def _with_ignored(target: dict[str, Any]) -> dict[str, torch.Tensor]:
+    t = _as_tensors(target, ("boxes", "labels"))
+    if "ignore_boxes" not in target:
+        return t
+    ign = _as_tensors({"boxes": target["ignore_boxes"], "labels": target.get("ignore_labels", ())},
+                      ("boxes", "labels"))
+    crowd = torch.cat([torch.zeros(len(t["labels"]), dtype=torch.long), torch.ones(len(ign["labels"]),
+                                                                                  dtype=torch.long)])
+    return {"boxes": torch.cat([t["boxes"], ign["boxes"]]), "labels": torch.cat([t["labels"], ign["labels"]]),
+            "iscrowd": crowd}
+
+
 class DetectionMAP:
     """mAP at IoU 0.5 (VOC's criterion) through torchmetrics with the pycocotools backend; boxes are xyxy pixels."""
 
@@ -124,13 +136,14 @@ class DetectionMAP:
         self.n_images = 0
 
     def update(self, preds: list[dict[str, Any]], targets: list[dict[str, Any]]) -> None:
-        """``preds``: per image ``{boxes (K, 4), scores (K,), labels (K,)}``; ``targets``: ``{boxes, labels}``.
-        K may be 0 on either side."""
+        """``preds``: per image ``{boxes (K, 4), scores (K,), labels (K,)}``; ``targets``: ``{boxes, labels}`` and
+        optionally ``{ignore_boxes, ignore_labels}``, objects that are neither a hit nor a miss (VOC's difficult ones;
+        scored as COCO crowd regions: a detection on one is not a false positive). K may be 0 on either side."""
         if len(preds) != len(targets):
             raise ValueError(f"{len(preds)} prediction dicts for {len(targets)} target dicts; pass one of each per "
                              "image")
         p = [_as_tensors(d, ("boxes", "scores", "labels")) for d in preds]
-        t = [_as_tensors(d, ("boxes", "labels")) for d in targets]
+        t = [_with_ignored(d) for d in targets]
         self._metric.update(p, t)
         self.n_images += len(preds)
 

@@ -161,7 +161,12 @@ def load_dense_weights(net: nn.Module, weights: str | Path, num_classes: int) ->
 def build_dense_model(arch: str, num_classes: int, image_size: int, weights: str | Path = "",
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       **det_options: Any) -> SegmentationNet | DetectionNet:
-    """A dense model taking [0, 1] images; ``det_options`` go to the torchvision detection builder."""
+    """A dense model taking [0, 1] images; ``det_options`` go to the torchvision detection builder. A detector sees
+    its input at ``image_size`` unless ``min_size`` / ``max_size`` say otherwise: then its transform rescales
+    (bilinear, differentiable) as Faster R-CNN's 600 px rescaling does in the thesis, and boxes come back in input
+    pixels, so a perturbation stays in the input's frame (one image size for both tasks, Sec 2.4.3). Detection options
+    also take ``anchor_sizes`` (:func:`_set_anchor_sizes`) and ``frozen_bn`` (:func:`freeze_batchnorm` on the
+    backbone after ``weights`` are loaded, for fine-tuning)."""
     task = dense_task(arch)
     if num_classes < 2 or image_size < 1:
         raise ConfigError(f"dense model needs num_classes >= 2 (background included) and image_size >= 1; got "
@@ -173,11 +178,13 @@ def build_dense_model(arch: str, num_classes: int, image_size: int, weights: str
         extra = {} if arch.startswith("lraspp") else {"aux_loss": False}
         net = getattr(tv_seg, arch)(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
     else:
-        anchors = det_options.pop("anchor_sizes", None)
+        anchors, frozen_bn = det_options.pop("anchor_sizes", None), bool(det_options.pop("frozen_bn", False))
+        sizes = {"min_size": det_options.pop("min_size", image_size)}
+        sizes["max_size"] = det_options.pop("max_size", max(image_size, sizes["min_size"]))
+        kwargs = {"num_classes": num_classes, "image_mean": list(mean), "image_std": list(std), **sizes, **det_options}
         try:
-            net = getattr(tv_det, arch)(weights=None, weights_backbone=None, num_classes=num_classes,
-                                        min_size=image_size, max_size=image_size, image_mean=list(mean),
-                                        image_std=list(std), **det_options)
+            net = (_mobilenet_fpn_detector(arch, **kwargs) if "returned_layers" in det_options
+                   else getattr(tv_det, arch)(weights=None, weights_backbone=None, **kwargs))
         except TypeError as err:
             raise ConfigError(f"bad detection option for '{arch}' ({err})",
                               "use torchvision FasterRCNN keyword arguments, e.g. rpn_post_nms_top_n_test") from err
@@ -185,21 +192,62 @@ def build_dense_model(arch: str, num_classes: int, image_size: int, weights: str
             _set_anchor_sizes(net, arch, anchors)
     if weights:
         load_dense_weights(net, weights, num_classes)
+    if task == "detection" and frozen_bn:
+        freeze_batchnorm(net.backbone.body)
     if task == "segmentation":
         return SegmentationNet(net, num_classes, mean, std)
     return DetectionNet(net, num_classes)
 
 
+def _mobilenet_fpn_detector(arch: str, returned_layers: Sequence[int], **kwargs: Any) -> nn.Module:
+    """torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` built from its own parts, with the FPN taking the
+    MobileNetV3 stages ``returned_layers`` (torchvision's choice, [4, 5], gives two stride-32 maps: 4 x 4 at 128 px,
+    too coarse for the box head to tell small objects apart; [2, 3, 4, 5] adds strides 8 and 16)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    layers = [int(v) for v in returned_layers]
+    if arch != "fasterrcnn_mobilenet_v3_large_fpn" or not layers or not all(0 <= v <= 5 for v in layers):
+        raise ConfigError(f"model.options.returned_layers = {returned_layers!r} for '{arch}'",
+                          "returned_layers picks MobileNetV3 stages 0..5 of fasterrcnn_mobilenet_v3_large_fpn, e.g. "
+                          "[2, 3, 4, 5]; drop it for other archs")
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True,
+                                  norm_layer=nn.BatchNorm2d, trainable_layers=6, returned_layers=layers)
+    levels = len(layers) + 1  # the FPN's max-pool level comes on top
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * levels, ((0.5, 1.0, 2.0),) * levels)
+    return tv_det.FasterRCNN(backbone, rpn_anchor_generator=anchors, **kwargs)
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Replace every ``BatchNorm2d`` under ``module`` by torchvision's ``FrozenBatchNorm2d`` holding its current
+    affine parameters and running statistics (what torchvision's detectors do to a pretrained backbone: batches of a
+    few large images give poor batch statistics). Returns how many were replaced."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen.to(child.running_mean.device))
+            count += 1
+        else:
+            count += freeze_batchnorm(child)
+    return count
+
+
 def _set_anchor_sizes(net: nn.Module, arch: str, sizes: Sequence[int]) -> None:
     """``anchor_sizes``: five sizes in pixels replacing torchvision's (32, 64, 128, 256, 512), for images much smaller
-    than the 800 px it assumes: the MobileNetV3 FPN uses all five at each of its 3 levels, the ResNet-50 FPNs one per
+    than the 800 px it assumes: the MobileNetV3 FPN uses all five at each of its levels, the ResNet-50 FPNs one per
     level; the aspect ratios (0.5, 1, 2), and so the RPN head's shapes, stay."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     if len(sizes) != 5 or any(not isinstance(v, (int, float)) or v <= 0 for v in sizes):
         raise ConfigError(f"model.options.anchor_sizes = {sizes!r}", "give five positive sizes in pixels, e.g. "
                           "[12, 16, 24, 32, 48]")
-    per_level = (tuple(sizes),) * 3 if "mobilenet" in arch else tuple((v,) for v in sizes)
+    levels = len(net.rpn.anchor_generator.sizes)
+    per_level = (tuple(sizes),) * levels if "mobilenet" in arch else tuple((v,) for v in sizes)
     net.rpn.anchor_generator = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
 
 

@@ -54,13 +54,17 @@ def flip_batch(batch: dict, g: torch.Generator) -> dict:
     """Horizontal flips, one coin per image, applied to the image, mask and boxes alike."""
     flip = torch.rand(batch["image"].shape[0], generator=g) < 0.5
     w = batch["image"].shape[-1]
-    image, mask, boxes = batch["image"].clone(), batch["mask"].clone(), list(batch["boxes"])
+    image, mask = batch["image"].clone(), batch["mask"].clone()
     image[flip], mask[flip] = image[flip].flip(-1), mask[flip].flip(-1)
-    for i in torch.nonzero(flip).flatten().tolist():
-        b = boxes[i].clone()
-        b[:, [0, 2]] = w - boxes[i][:, [2, 0]]
-        boxes[i] = b
-    return {**batch, "image": image, "mask": mask, "boxes": boxes}
+    out = {**batch, "image": image, "mask": mask}
+    for key in ("boxes", "ignore_boxes"):
+        boxes = list(batch[key])
+        for i in torch.nonzero(flip).flatten().tolist():
+            b = boxes[i].clone()
+            b[:, [0, 2]] = w - boxes[i][:, [2, 0]]
+            boxes[i] = b
+        out[key] = boxes
+    return out
 
 
 def lr_at(cfg: DenseConfig, step: int, total: int, per_epoch: int) -> float:
