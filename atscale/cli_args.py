@@ -231,6 +231,7 @@ def dense_parser() -> ArgumentParser:
                                    "writes RUN/dag/")
     d.add_argument("run", help="run folder of `atscale dense train`")
     d.add_argument("overrides", nargs="*", help="dag.key=value, e.g. dag.max_iters=50 dag.images=32")
+    d.add_argument("--out", help="output folder (default RUN/dag); e.g. RUN/dag_gamma2 for another dag.gamma")
     d.add_argument("--no-progress", action="store_true")
     x = sub.add_parser("transfer", help="a run's metric on its val images plus other runs' DAG perturbations (summed "
                                         "when several: r_A + r_B), optionally permuted")

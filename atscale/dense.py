@@ -58,8 +58,10 @@ def evaluate(run: str | Path) -> dict[str, Any]:
     return out
 
 
-def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    """DAG on a run's val images; writes ``<run>/dag/`` and returns the report."""
+def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True,
+        out_dir: str | Path | None = None) -> dict[str, Any]:
+    """DAG on a run's val images; writes ``out_dir`` (default ``<run>/dag/``, so one run can keep several DAG settings)
+    and returns the report."""
     from atscale.data.dense import dense_split
     from atscale.evaluation.dense_eval import perm_scores, run_dag, score_perturbed
     from atscale.reporting.dense_figures import plot_active, plot_examples
@@ -76,7 +78,7 @@ def dag(run: str | Path, overrides: Sequence[str] = (), progress: bool = True) -
     adv = score_perturbed(model, val, cfg.task, device, out.r, bs)
     perm = perm_scores(model, val, cfg.task, out.r, cfg.dag.perm_draws, cfg.dag.seed + 1, device, bs)
     report = _report(cfg, n, clean, adv, perm, out)
-    folder = Path(run) / "dag"
+    folder = Path(out_dir) if out_dir else Path(run) / "dag"
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"r": out.r, "val": _val_identity(cfg), "arch": cfg.model.arch, "task": cfg.task,
                      "dag": cfg.to_dict()["dag"]}, folder / PERTURBATIONS)
@@ -140,12 +142,13 @@ def dag_markdown(r: dict[str, Any]) -> str:
 
 
 def load_perturbation(path: str | Path) -> dict[str, Any]:
+    """The perturbation file of ``path``: a run folder (its ``dag/``), a ``dag --out`` folder, or the file itself."""
     p = Path(path)
     if p.is_dir():
-        p = p / "dag" / PERTURBATIONS
+        p = next((c for c in (p / "dag" / PERTURBATIONS, p / PERTURBATIONS) if c.is_file()), p / "dag" / PERTURBATIONS)
     if not p.is_file():
         raise DatasetError(f"no perturbation file at {path}", f"run `atscale dense dag RUN` first; it writes "
-                           f"RUN/dag/{PERTURBATIONS}")
+                           f"RUN/dag/{PERTURBATIONS} (or --out DIR/{PERTURBATIONS})")
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
@@ -188,7 +191,7 @@ def dense_cli(argv: Sequence[str]) -> int:
     elif a.action == "eval":
         evaluate(a.run)
     elif a.action == "dag":
-        dag(a.run, a.overrides, progress=not a.no_progress)
+        dag(a.run, a.overrides, progress=not a.no_progress, out_dir=a.out)
     else:
         transfer(a.target, a.perturbation, a.permute, a.seed)
     return 0

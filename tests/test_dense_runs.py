@@ -82,6 +82,15 @@ def test_dag_command_writes_its_report_and_transfer_scores_the_same_field(tmp_pa
     capsys.readouterr()
     assert cli(["dense", "transfer", str(run), "--perturbation", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(rep["dag"], abs=1e-9)
+    other = tmp_path / "dag_gamma2"  # another setting beside the first, read back by transfer from its folder
+    assert cli(["dense", "dag", str(run), "dag.max_iters=3", "dag.images=4", "dag.perm_draws=0", "dag.gamma=2",
+                "--out", str(other), "--no-progress"]) == 0
+    assert json.loads((other / "dag.json").read_text())["gamma_255"] == 2
+    assert json.loads((run / "dag" / "dag.json").read_text()) == rep
+    capsys.readouterr()
+    assert cli(["dense", "transfer", str(run), "--perturbation", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(
+        json.loads((other / "dag.json").read_text())["dag"], abs=1e-9)
 
 
 def test_transfer_refuses_perturbations_of_other_images(tmp_path, capsys):
