@@ -236,8 +236,11 @@ def dense_parser() -> ArgumentParser:
     x = sub.add_parser("transfer", help="a run's metric on its val images plus other runs' DAG perturbations (summed "
                                         "when several: r_A + r_B), optionally permuted")
     x.add_argument("target", help="run folder of the attacked model")
-    x.add_argument("--perturbation", action="append", required=True,
-                   help="a run folder attacked by `atscale dense dag`, or its dag/perturbations.pt; repeat to sum")
+    x.add_argument("--perturbation", action="append",
+                   help="a run folder attacked by `atscale dense dag`, a `dag --out` folder or a perturbations.pt; "
+                        "repeat to sum")
+    x.add_argument("--images", type=int, default=0, help="score the first N val images only (without "
+                   "--perturbation: the clean metric on them)")
     x.add_argument("--permute", action="store_true", help="permute rows and columns of the summed r (PERM control)")
     x.add_argument("--seed", type=int, default=0)
     return p

@@ -152,8 +152,10 @@ def load_perturbation(path: str | Path) -> dict[str, Any]:
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
-def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = False, seed: int = 0) -> dict:
-    """The target run's metric on its val images plus the sum of the sources' perturbations (thesis Sec 2.4)."""
+def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = False, seed: int = 0,
+             images: int = 0) -> dict:
+    """The target run's metric on its val images plus the sum of the sources' perturbations (thesis Sec 2.4), on the
+    first ``images`` (0 = every image all sources cover); ``sources`` empty: the clean metric on those images."""
     from atscale.attacks.dag import permuted
     from atscale.data.dense import dense_split
     from atscale.evaluation.dense_eval import score_perturbed
@@ -162,17 +164,22 @@ def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = 
     device = _device()
     cfg, model = load_dense_run(target, device)
     parts = [load_perturbation(s) for s in sources]
-    if not parts:
-        raise ConfigError("transfer needs at least one --perturbation", "pass a run folder or a perturbations.pt")
+    if not parts and images < 1:
+        raise ConfigError("transfer needs at least one --perturbation (or --images N for the clean metric on the "
+                          "first N images)", "pass a run folder or a perturbations.pt")
     for s, part in zip(sources, parts):
         if part["val"] != _val_identity(cfg):
             raise DatasetError(f"the perturbations of {s} were made on other val images ({part['val']}) than the "
                                f"target's ({_val_identity(cfg)})", "attack a run with the same data.* val settings")
-    n = min(p["r"].shape[0] for p in parts)
-    r = sum(p["r"][:n].float() for p in parts)
+    n = min([p["r"].shape[0] for p in parts] + ([images] if images > 0 else []))
+    if images > n:
+        raise ConfigError(f"--images {images} but the perturbations cover only {n} images", f"pass --images <= {n}")
+    val = dense_split(cfg.data, cfg.task, "val")
+    if n > len(val):
+        raise ConfigError(f"--images {n} but the target has {len(val)} val images", f"pass --images <= {len(val)}")
+    r = sum(p["r"][:n].float() for p in parts) if parts else torch.zeros((n, *val[0]["image"].shape))
     if permute:
         r = permuted(r, torch.Generator().manual_seed(seed))
-    val = dense_split(cfg.data, cfg.task, "val")
     out = score_perturbed(model, val, cfg.task, device, r, cfg.data.eval_batch_size, limit=n)
     key = _metric_name(cfg.task)
     res = {"target": cfg.model.arch, "task": cfg.task, "sources": [p["arch"] for p in parts], "permuted": permute,
@@ -193,7 +200,7 @@ def dense_cli(argv: Sequence[str]) -> int:
     elif a.action == "dag":
         dag(a.run, a.overrides, progress=not a.no_progress, out_dir=a.out)
     else:
-        transfer(a.target, a.perturbation, a.permute, a.seed)
+        transfer(a.target, a.perturbation or [], a.permute, a.seed, a.images)
     return 0
 
 

@@ -82,6 +82,11 @@ def test_dag_command_writes_its_report_and_transfer_scores_the_same_field(tmp_pa
     capsys.readouterr()
     assert cli(["dense", "transfer", str(run), "--perturbation", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(rep["dag"], abs=1e-9)
+    capsys.readouterr()
+    assert cli(["dense", "transfer", str(run), "--images", "4"]) == 0  # no perturbation: the clean metric
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(rep["clean"], abs=1e-9)
+    assert cli(["dense", "transfer", str(run), "--perturbation", str(run), "--images", "9"]) == 2
+    assert "cover only 4 images" in capsys.readouterr().err
     other = tmp_path / "dag_gamma2"  # another setting beside the first, read back by transfer from its folder
     assert cli(["dense", "dag", str(run), "dag.max_iters=3", "dag.images=4", "dag.perm_draws=0", "dag.gamma=2",
                 "--out", str(other), "--no-progress"]) == 0
