@@ -177,8 +177,8 @@ def transfer(target: str | Path, sources: Sequence[str | Path], permute: bool = 
     val = dense_split(cfg.data, cfg.task, "val")
     if n > len(val):
         raise ConfigError(f"--images {n} but the target has {len(val)} val images", f"pass --images <= {len(val)}")
-    r = sum(p["r"][:n].float() for p in parts) if parts else torch.zeros((n, *val[0]["image"].shape))
-    if permute:
+    r = sum(p["r"][:n].float() for p in parts) if parts else None
+    if permute and r is not None:
         r = permuted(r, torch.Generator().manual_seed(seed))
     out = score_perturbed(model, val, cfg.task, device, r, cfg.data.eval_batch_size, limit=n)
     key = _metric_name(cfg.task)

@@ -153,28 +153,30 @@ class VOCDense(Dataset):
                 raise DatasetError(f"VOC mask {self.base.masks[i]} has values outside 0..20 and 255",
                                    "use the palette PNGs of SegmentationClass/, not coloured RGB renderings")
             return _item(image, torch.from_numpy(m.astype(np.int64)), *_no_boxes())
-        (boxes, labels), ignore = self._objects(target, i, difficult=False), self._objects(target, i, difficult=True)
+        (boxes, labels), ignore = self._objects(target, i)
         for b in (boxes, ignore[0]):
             b[:, 0::2] *= self.size / w
             b[:, 1::2] *= self.size / h
         mask = torch.full((self.size, self.size), IGNORE_INDEX, dtype=torch.long)
         return _item(image, mask, boxes, labels, ignore)
 
-    def _objects(self, target: dict[str, Any], i: int, difficult: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ordinary (or, with ``difficult``, the ignored) objects: VOC's 1-based inclusive pixel boxes -> 0-based
-        xyxy with exclusive ends (xmin - 1, ymin - 1, xmax, ymax)."""
+    def _objects(self, target: dict[str, Any], i: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                 tuple[torch.Tensor, torch.Tensor]]:
+        """(boxes, labels) of the ordinary and of the ignored (difficult) objects: VOC's 1-based inclusive pixel boxes
+        -> 0-based xyxy with exclusive ends (xmin - 1, ymin - 1, xmax, ymax)."""
         objs = target["annotation"].get("object", [])
-        boxes, labels = [], []
+        found: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
         for obj in objs if isinstance(objs, list) else [objs]:
-            if (bool(int(obj.get("difficult", 0))) and not self.keep_difficult) != difficult:
-                continue
             if obj["name"] not in self._to_index:
                 raise DatasetError(f"VOC annotation {self.base.annotations[i]} names class {obj['name']!r}, not one "
                                    "of the 20 VOC classes", "fix the XML or use the official annotations")
             b = obj["bndbox"]
+            boxes, labels = found[bool(int(obj.get("difficult", 0))) and not self.keep_difficult]
             boxes.append([float(b["xmin"]) - 1, float(b["ymin"]) - 1, float(b["xmax"]), float(b["ymax"])])
             labels.append(self._to_index[obj["name"]])
-        return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.long))
+        ordinary, ignored = ((torch.tensor(bx, dtype=torch.float32).reshape(-1, 4), torch.tensor(lb, dtype=torch.long))
+                             for bx, lb in (found[False], found[True]))
+        return ordinary, ignored
 
 
 def collate_dense(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
