@@ -66,6 +66,31 @@ def test_background_targets_never_count_and_a_converged_image_stops() -> None:
     assert res.converged.tolist() == [True, True] and len(res.active) == int(res.iters.max()) + 1
 
 
+def test_a_converged_image_leaves_the_batch_and_batching_changes_nothing() -> None:
+    model = _seg_model()
+    with torch.no_grad():
+        model.bias.zero_()
+    x = 0.4 + 0.2 * torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    base = segmentation_logits(model)
+    with torch.no_grad():
+        labels = base(x).argmax(-1)
+    labels[0] = 0  # image 0 has no target: converged at m = 0
+    seen: list[list[int]] = []
+
+    def fn(xr: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(rows.tolist() if rows is not None else [])
+        return base(xr, rows)
+
+    attack = DAG(gamma=8 / 255, max_iters=60, seed=1)
+    res = attack.perturb(fn, x, labels)
+    assert res.converged.all() and 0 == res.iters[0] < res.iters[1] < res.iters[2]  # they leave one at a time
+    assert seen[0] == [0] and seen[1] == [0, 1, 2] and all(0 not in s for s in seen[2:])  # [0]: the class count
+    assert [len(s) for s in seen[1:]] == [3] + [2] * int(res.iters[1]) + [1] * int(res.iters[2] - res.iters[1])
+    for i in range(3):  # each image alone: the same steps, the same result
+        one = attack.perturb(base, x[i:i + 1], labels[i:i + 1], indices=[i])
+        assert torch.allclose(one.x_adv[0], res.x_adv[i], atol=1e-6) and one.iters[0] == res.iters[i]
+
+
 def test_perceptibility_is_the_root_mean_squared_pixel_norm() -> None:
     r = torch.zeros(2, 3, 2, 2)
     r[0, :, 0, 0] = torch.tensor([0.3, 0.4, 0.0])  # one pixel of norm 0.5 among 4

@@ -221,7 +221,7 @@ def test_detection_targets_and_padded_logits(det: DetectionNet) -> None:
     assert res.x_adv.shape == x.shape and res.iters[1] == 0 and res.r.abs().amax() <= 2 * GAMMA + 1e-6
 
 
-def test_padded_logits_repeat_the_last_box() -> None:
+def test_padded_logits_score_only_each_images_own_boxes() -> None:
     class Fake:
         num_classes = 3
 
@@ -232,9 +232,13 @@ def test_padded_logits_repeat_the_last_box() -> None:
     fake = Fake()
     fn, valid = padded_logits(fake, [torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.zeros(0, 4),  # type: ignore[arg-type]
                                      torch.tensor([[5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 9.0, 9.0]])])
-    assert fn(torch.zeros(3, 3, 8, 8)).shape == (3, 2, 3)
-    assert fake.seen[0].tolist() == [[1, 2, 3, 4]] * 2 and fake.seen[1].tolist() == [[0, 0, 1, 1]] * 2
+    out = fn(torch.zeros(3, 3, 8, 8))
+    assert out.shape == (3, 2, 3) and out[0, 1].abs().sum() == 0 and out[1].abs().sum() == 0
+    assert [p.tolist() for p in fake.seen] == [[[1, 2, 3, 4]], [], [[5, 6, 7, 8], [9, 9, 9, 9]]]
     assert valid.tolist() == [[True, False], [False, False], [True, True]]
+    sub = fn(torch.zeros(1, 3, 8, 8), torch.tensor([2]))  # DAG passes the rows still attacked
+    assert sub.shape == (1, 2, 3) and [p.tolist() for p in fake.seen] == [[[5, 6, 7, 8], [9, 9, 9, 9]]]
+    assert fn(torch.zeros(1, 3, 8, 8), torch.tensor([1])).abs().sum() == 0
 
 
 def test_segmentation_targets() -> None:

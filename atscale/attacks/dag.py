@@ -10,13 +10,14 @@ the image is clipped to the valid range (here at every step, so the network only
 clips the final sum). The thesis' gamma = 0.5 is in 0..255 units on a mean-subtracted input: mean
 subtraction does not scale, so on atscale's [0, 1] images it is 0.5 / 255 (``gamma`` here is a fraction).
 
-``logits_fn(x) -> (N, T, C)`` gives the per-target logits (segmentation: the (N, C, H, W) map flattened to targets;
-detection: the box head's logits for fixed proposals), so one loop serves both tasks.
+``logits_fn(x, rows) -> (len(rows), T, C)`` gives the per-target logits of the batch images ``rows`` that ``x`` holds
+(segmentation: the (N, C, H, W) map flattened to targets; detection: the box head's logits for each image's fixed
+proposals), so one loop serves both tasks; each step scores only the images that still have active targets.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -48,6 +49,12 @@ def image_permutations(num_classes: int, indices: list[int], seed: int) -> torch
                       for i in indices])
 
 
+class TargetLogits(Protocol):
+    """Per-target logits (len(rows), T, C) of the images ``x`` = batch[rows] (``rows`` None: the whole batch)."""
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 @dataclass
 class DAGResult:
     x_adv: torch.Tensor
@@ -66,40 +73,46 @@ class DAG:
             raise ValueError(f"DAG needs gamma > 0 and max_iters >= 1; got gamma={gamma}, max_iters={max_iters}")
         self.gamma, self.max_iters, self.seed, self.background = gamma, max_iters, seed, background
 
-    def perturb(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+    def perturb(self, logits_fn: TargetLogits, x: torch.Tensor, labels: torch.Tensor,
                 valid: torch.Tensor | None = None, adv_labels: torch.Tensor | None = None,
                 progress: Callable[[int, int], None] | None = None, indices: list[int] | None = None) -> DAGResult:
         """``labels`` (N, T) class per target; ``valid`` (N, T) which targets count (default: non-background);
         ``adv_labels`` (N, T) overrides pi (fooling images, Sec 2.3.4: an arbitrary target label map);
         ``progress(m, active)`` is called once per iteration with the active target count; ``indices`` are the
-        images' indices in their split (default 0..N-1; they seed each image's pi)."""
+        images' indices in their split (default 0..N-1; they seed each image's pi). A converged image leaves the
+        batch: it no longer moves, so its active set stays empty."""
         x = x.detach()
         n = x.shape[0]
         valid = (labels != self.background) if valid is None else valid
         if adv_labels is None:
             with torch.no_grad():
-                c = logits_fn(x).shape[-1]
+                c = logits_fn(x[:1], torch.zeros(1, dtype=torch.long, device=x.device)).shape[-1]
             idx = list(range(n)) if indices is None else indices
             adv_labels = image_permutations(c, idx, self.seed).to(labels.device).gather(1, labels)
         x_adv, history = x.clone(), []
         iters = torch.full((n,), self.max_iters, dtype=torch.long, device=x.device)
+        done = torch.zeros(n, dtype=torch.bool, device=x.device)
         for m in range(self.max_iters + 1):  # the last pass only checks X_{M_0}
-            x_adv.requires_grad_(m < self.max_iters)
+            rows = torch.nonzero(~done).flatten()
+            xr = x_adv[rows].requires_grad_(m < self.max_iters)
             with torch.set_grad_enabled(m < self.max_iters):
-                logits = logits_fn(x_adv)
-            active = valid & (logits.argmax(-1) == labels)
+                logits = logits_fn(xr, rows)
+            live = valid[rows] & (logits.argmax(-1) == labels[rows])
+            active = torch.zeros_like(valid)
+            active[rows] = live
             history.append(active.sum(1).tolist())
             if progress is not None:
-                progress(m, int(active.sum()))
+                progress(m, int(live.sum()))
             done = ~active.any(1)
             iters = torch.where(done & (iters == self.max_iters), torch.full_like(iters, m), iters)
             if bool(done.all()) or m == self.max_iters:
                 break
-            gap = logits.gather(-1, adv_labels[..., None]) - logits.gather(-1, labels[..., None])
-            (r,) = torch.autograd.grad((gap.squeeze(-1) * active).sum(), x_adv)
+            gap = logits.gather(-1, adv_labels[rows][..., None]) - logits.gather(-1, labels[rows][..., None])
+            (r,) = torch.autograd.grad((gap.squeeze(-1) * live).sum(), xr)
             scale = self.gamma / r.flatten(1).abs().amax(1).clamp_min(1e-12)
-            step = r * (scale * (~done)).view(-1, *([1] * (x.dim() - 1)))
-            x_adv = (x_adv.detach() + step).clamp(0, 1)
+            step = r * (scale * live.any(1)).view(-1, *([1] * (x.dim() - 1)))
+            x_adv = x_adv.detach()
+            x_adv[rows] = (xr.detach() + step).clamp(0, 1)
         x_adv = x_adv.detach()
         return DAGResult(x_adv, x_adv - x, adv_labels, iters, done, history)
 
@@ -120,13 +133,14 @@ def permuted(r: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def segmentation_logits(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A segmentation model's (N, C, H, W) output (torchvision's ``["out"]`` too) as (N, H*W, C) target logits."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
+def segmentation_logits(model: torch.nn.Module) -> TargetLogits:
+    """A segmentation model's (N, C, H, W) output (torchvision's ``["out"]`` too) as (N, H*W, C) target logits (every
+    image has the same pixel targets, so ``rows`` is not needed)."""
+    def fn(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         out = model(x)
         out = out["out"] if isinstance(out, dict) else out
         return out.flatten(2).transpose(1, 2)
     return fn
 
 
-__all__ = ["DAG", "DAGResult", "GAMMA", "derangement", "image_permutations", "perceptibility", "permuted", "segmentation_logits"]
+__all__ = ["DAG", "DAGResult", "GAMMA", "TargetLogits", "derangement", "image_permutations", "perceptibility", "permuted", "segmentation_logits"]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from atscale.attacks.dag import DAG, DAGResult, perceptibility, permuted, segmentation_logits
+from atscale.attacks.dag import DAG, DAGResult, TargetLogits, perceptibility, permuted, segmentation_logits
 from atscale.config.dense import DagCfg
 from atscale.data.dense import dense_loader
 from atscale.evaluation.dense_metrics import DetectionMAP, MeanIoU
@@ -74,7 +74,7 @@ def _head(batch: dict, k: int) -> dict:
 
 
 def dag_targets(model: nn.Module, x: torch.Tensor, batch: dict, task: str, cfg: DagCfg
-                ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
+                ) -> tuple[TargetLogits, torch.Tensor, torch.Tensor]:
     """(logits_fn, labels (N, T), valid (N, T)) of one batch for :class:`atscale.attacks.dag.DAG`."""
     if task == "segmentation":
         labels, valid = segmentation_targets(batch["mask"].to(x.device))
@@ -137,14 +137,14 @@ def _run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device:
         batch = _head(batch, min(batch["image"].shape[0], n - seen))
         x = batch["image"].to(device)
         fn, labels, valid = dag_targets(model, x, batch, task, cfg)
-        has = valid.any(1).cpu()
+        has = valid.any(1)
         out.skipped_no_target += int((~has).sum())
         r = torch.zeros_like(x)
-        if bool(has.any()):
-            idx = torch.nonzero(has).flatten()
-            res = _attack_subset(attack, fn, x, labels, valid, idx, batch, cfg, task, model, bar, seen)
-            r[idx.to(x.device)] = res.r
-            _record(out, res, valid[idx.to(valid.device)])
+        if bool(has.any()):  # an image without targets is converged at m = 0 and costs no step
+            res = attack.perturb(fn, x, labels, valid, progress=_tick(bar),
+                                 indices=list(range(seen, seen + x.shape[0])))
+            r = res.r
+            _record(out, res, valid, has)
         rs.append(r.half().cpu())  # half: a split's r of VOC size stays within memory
         seen += x.shape[0]
         if bar is not None:
@@ -156,29 +156,19 @@ def _run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device:
     return out
 
 
-def _attack_subset(attack: DAG, fn, x, labels, valid, idx, batch, cfg: DagCfg, task: str, model: nn.Module, bar,
-                   first: int) -> DAGResult:
-    """DAG on the images of the batch that have targets (``idx``, on the CPU; detection rebuilds the padded logits for
-    the subset); ``first`` is the split index of the batch's first image."""
-    if task == "detection" and len(idx) < x.shape[0]:
-        sub = {k: [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx] for k, v in batch.items()}
-        fn, labels, valid = dag_targets(model, x[idx.to(x.device)], sub, task, cfg)
-    else:
-        labels, valid = labels[idx.to(labels.device)], valid[idx.to(valid.device)]
-
+def _tick(bar) -> Callable[[int, int], None]:
     def tick(m: int, active: int) -> None:
         if bar is not None and m % 10 == 0:
             bar.set_postfix_str(f"iter {m} active {active}")
-
-    return attack.perturb(fn, x[idx.to(x.device)], labels, valid, progress=tick,
-                          indices=[first + i for i in idx.tolist()])
+    return tick
 
 
-def _record(out: DagOutcome, res: DAGResult, valid: torch.Tensor) -> None:
-    out.iters += res.iters.tolist()
-    out.targets += valid.sum(1).tolist()
-    out.p += perceptibility(res.r).tolist()
-    out.converged += res.converged.tolist()
+def _record(out: DagOutcome, res: DAGResult, valid: torch.Tensor, attacked: torch.Tensor) -> None:
+    """Adds the batch's ``attacked`` images (bool (N,): those with targets) to the split's diagnostics."""
+    out.iters += res.iters[attacked].tolist()
+    out.targets += valid.sum(1)[attacked].tolist()
+    out.p += perceptibility(res.r)[attacked].tolist()
+    out.converged += res.converged[attacked].tolist()
     for m, per_image in enumerate(res.active):
         if m >= len(out.active_curve):
             out.active_curve.append(0)

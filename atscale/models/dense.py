@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 import torchvision.models.detection as tv_det
 import torchvision.models.segmentation as tv_seg
 from torch import Tensor, nn
@@ -26,7 +27,6 @@ from atscale.models.normalize import Normalize
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DENSE_NMS_THRESH = 0.9  # Sec 2.3.2: RPN NMS IoU raised from 0.7 so proposals are dense
-DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
 def dense_task(arch: str) -> str:
@@ -284,21 +284,19 @@ def detection_targets(net: DetectionNet, x: Tensor, gt: list[dict[str, Tensor]],
     return [b for b, _ in picked], [lab for _, lab in picked]
 
 
-def padded_logits(net: DetectionNet, boxes: list[Tensor]) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    """``logits_fn(x) -> (N, T, C)`` over fixed boxes, T = max K_i (short images repeat their last box, or use
-    [0, 0, 1, 1] when they have none), and the (N, T) bool mask of real targets."""
+def padded_logits(net: DetectionNet, boxes: list[Tensor]) -> tuple[Callable[..., Tensor], Tensor]:
+    """``logits_fn(x, rows) -> (len(rows), T, C)`` over each image's fixed boxes, T = max K_i: the box head scores
+    only an image's own K_i boxes and the rest of its row is 0; and the (N, T) bool mask of real targets."""
     t = max((len(b) for b in boxes), default=0)
     counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
     valid = torch.arange(t)[None, :] < counts[:, None]
-    padded = []
-    for b in boxes:
-        fill = b[-1:] if len(b) else b.new_tensor([DUMMY_BOX])
-        padded.append(torch.cat([b, fill.expand(t - len(b), 4)]) if t > len(b) else b)
 
-    def logits_fn(x: Tensor) -> Tensor:
-        if t == 0:
-            return x.new_zeros((len(x), 0, net.num_classes))
-        return torch.stack(net.class_logits(x, [p.to(x.device) for p in padded]))
+    def logits_fn(x: Tensor, rows: Tensor | None = None) -> Tensor:
+        picked = [boxes[i] for i in (range(len(x)) if rows is None else rows.tolist())]
+        if sum(len(b) for b in picked) == 0:
+            return x.new_zeros((len(x), t, net.num_classes))
+        per = net.class_logits(x, [b.to(x.device) for b in picked])
+        return torch.stack([F.pad(lg, (0, 0, 0, t - len(lg))) for lg in per])
 
     return logits_fn, valid.to(boxes[0].device) if boxes else valid
 
