@@ -28,6 +28,7 @@ from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 
 from atscale.layers.sync_bn import DistBatchNorm2d, DistBatchNormAct2d
+from atscale.layers.swap import swap_modules
 from atscale.layers.context import bn_domain, bn_split
 
 DEFAULT_DOMAINS = ("clean", "adv")
@@ -202,13 +203,12 @@ def convert_to_mixture_bn(model: nn.Module, domains: Sequence[str] = DEFAULT_DOM
 
 
 def _convert(module: nn.Module, domains: tuple[str, ...], default: str) -> None:
-    for name, child in module.named_children():
+    def mixture(_: str, child: nn.Module) -> nn.Module | None:
         if isinstance(child, MixtureBatchNorm2d):
-            continue
-        if _is_bn(child):
-            setattr(module, name, MixtureBatchNorm2d.from_bn(child, domains, default))
-        else:
-            _convert(child, domains, default)
+            return child
+        return MixtureBatchNorm2d.from_bn(child, domains, default) if _is_bn(child) else None
+
+    swap_modules(module, mixture)
 
 
 def collapse_mixture_bn(model: nn.Module, domain: str) -> nn.Module:

@@ -20,6 +20,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from atscale.errors import ModelError
+from atscale.layers.swap import swap_modules
 
 
 def _world() -> int:
@@ -95,16 +96,17 @@ def _dist_copy(child: nn.Module, group) -> nn.Module:
 
 
 def _swap(module: nn.Module, group) -> None:
-    for name, child in module.named_children():
+    def dist(name: str, child: nn.Module) -> nn.Module | None:
         if isinstance(child, (DistBatchNorm2d, DistBatchNormAct2d, nn.SyncBatchNorm)):
-            continue
+            return child
         if type(child) is nn.BatchNorm2d or type(child) is BatchNormAct2d:
-            setattr(module, name, _dist_copy(child, group))
-        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            return _dist_copy(child, group)
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
             raise ModelError(f"dist.sync_bn cannot synchronize '{name}' ({type(child).__name__}) on this device",
                              "use a model with BatchNorm2d / timm BatchNormAct2d layers, or dist.sync_bn=false")
-        else:
-            _swap(child, group)
+        return None
+
+    swap_modules(module, dist)
 
 
 def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:

@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 
 from atscale.config.dense import DETECTION_ARCHS, SEGMENTATION_ARCHS
 from atscale.errors import ConfigError
+from atscale.layers.swap import swap_modules
 from atscale.models.normalize import Normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -224,17 +225,15 @@ def freeze_batchnorm(module: nn.Module) -> int:
     few large images give poor batch statistics). Returns how many were replaced."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    count = 0
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(child, key).detach())
-            setattr(module, name, frozen.to(child.running_mean.device))
-            count += 1
-        else:
-            count += freeze_batchnorm(child)
-    return count
+    def frozen(_: str, child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.BatchNorm2d):
+            return None
+        out = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(out, key).copy_(getattr(child, key).detach())
+        return out.to(child.running_mean.device)
+
+    return swap_modules(module, frozen)
 
 
 def _set_anchor_sizes(net: nn.Module, arch: str, sizes: Sequence[int]) -> None:
