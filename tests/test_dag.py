@@ -84,11 +84,26 @@ def test_a_converged_image_leaves_the_batch_and_batching_changes_nothing() -> No
     attack = DAG(gamma=8 / 255, max_iters=60, seed=1)
     res = attack.perturb(fn, x, labels)
     assert res.converged.all() and 0 == res.iters[0] < res.iters[1] < res.iters[2]  # they leave one at a time
-    assert seen[0] == [0] and seen[1] == [0, 1, 2] and all(0 not in s for s in seen[2:])  # [0]: the class count
-    assert [len(s) for s in seen[1:]] == [3] + [2] * int(res.iters[1]) + [1] * int(res.iters[2] - res.iters[1])
+    assert seen[0] == [0] and all(0 not in s for s in seen[1:])  # [0]: the class count; image 0 never enters
+    assert [len(s) for s in seen[1:]] == [2] * int(res.iters[1] + 1) + [1] * int(res.iters[2] - res.iters[1])
     for i in range(3):  # each image alone: the same steps, the same result
         one = attack.perturb(base, x[i:i + 1], labels[i:i + 1], indices=[i])
         assert torch.allclose(one.x_adv[0], res.x_adv[i], atol=1e-6) and one.iters[0] == res.iters[i]
+
+
+def test_a_batch_without_targets_or_images_takes_no_step() -> None:
+    model, calls = _seg_model(), []
+    base = segmentation_logits(model)
+
+    def fn(xr: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(len(xr))
+        return base(xr, rows)
+
+    x = torch.rand(2, 3, 4, 4)
+    res = DAG(max_iters=5).perturb(fn, x, torch.zeros(2, 16, dtype=torch.long))
+    assert calls == [1] and torch.equal(res.x_adv, x) and res.iters.tolist() == [0, 0] and res.active == [[0, 0]]
+    empty = DAG().perturb(fn, x[:0], torch.zeros(0, 16, dtype=torch.long))
+    assert empty.x_adv.shape == (0, 3, 4, 4) and empty.iters.numel() == 0 and calls == [1]
 
 
 def test_perceptibility_is_the_root_mean_squared_pixel_norm() -> None:

@@ -66,7 +66,21 @@ def test_without_the_detector_the_sum_is_r_a_plus_r_b_and_no_cross_task_claim(mo
 
 def test_the_tables_name_every_model_and_twin():
     text = fid.markdown([_row(0), _row(1)], fid.claims([_row(0), _row(1)]))
-    assert "| r | A | B | D | A' | B' | D' |" in text and "| r_A+r_B+r_D | 30.0 | 30.0 | 30.0 | 30.0 |" in text
+    assert "| r | A | B | D | A' | B' | D' |" in text and "| r_A+r_B+r_D | 30.0 | 30.0 | 30.0 | 30.0 | 30.0 | 30.0 |\n" in text
+
+
+def test_a_single_r_that_beats_the_sum_on_a_twin_fails_claim_5():
+    rows = [_row(0), _row(1)]
+    for r in rows:
+        r["on_twins"]["A'<-r_D"] = 0.2  # r_D alone beats the sum (0.3) on A'
+    v = _verdicts(rows)
+    assert v[next(k for k in v if k.startswith("5. A'"))] == "not reproduced"
+    assert v[next(k for k in v if k.startswith("5. B'"))] == "reproduced"
+
+
+def test_the_full_sum_does_not_depend_on_the_order_of_models(monkeypatch):
+    monkeypatch.setattr(fid, "MODELS", {k: fid.MODELS[k] for k in ("D", "B", "A")})
+    assert fid.full_sum() == "r_A+r_B+r_D" and fid.full_sum() in {c[0] for c in fid.COMBOS}
 
 
 def test_a_work_folder_made_with_other_settings_is_refused(tmp_path):

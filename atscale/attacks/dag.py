@@ -52,7 +52,7 @@ def image_permutations(num_classes: int, indices: list[int], seed: int) -> torch
 class TargetLogits(Protocol):
     """Per-target logits (len(rows), T, C) of the images ``x`` = batch[rows] (``rows`` None: the whole batch)."""
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None, /) -> torch.Tensor: ...
 
 
 @dataclass
@@ -85,19 +85,18 @@ class DAG:
         n = x.shape[0]
         valid = (labels != self.background) if valid is None else valid
         if adv_labels is None:
-            with torch.no_grad():
-                c = logits_fn(x[:1], torch.zeros(1, dtype=torch.long, device=x.device)).shape[-1]
-            idx = list(range(n)) if indices is None else indices
-            adv_labels = image_permutations(c, idx, self.seed).to(labels.device).gather(1, labels)
+            adv_labels = self._permuted_labels(logits_fn, x, labels, indices)
         x_adv, history = x.clone(), []
         iters = torch.full((n,), self.max_iters, dtype=torch.long, device=x.device)
-        done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        done = ~valid.any(1).to(x.device)  # an image without targets never enters the batch
         for m in range(self.max_iters + 1):  # the last pass only checks X_{M_0}
             rows = torch.nonzero(~done).flatten()
-            xr = x_adv[rows].requires_grad_(m < self.max_iters)
-            with torch.set_grad_enabled(m < self.max_iters):
-                logits = logits_fn(xr, rows)
-            live = valid[rows] & (logits.argmax(-1) == labels[rows])
+            live = valid[:0]
+            if len(rows):
+                xr = x_adv[rows].requires_grad_(m < self.max_iters)
+                with torch.set_grad_enabled(m < self.max_iters):
+                    logits = logits_fn(xr, rows)
+                live = valid[rows] & (logits.argmax(-1) == labels[rows])
             active = torch.zeros_like(valid)
             active[rows] = live
             history.append(active.sum(1).tolist())
@@ -111,10 +110,18 @@ class DAG:
             (r,) = torch.autograd.grad((gap.squeeze(-1) * live).sum(), xr)
             scale = self.gamma / r.flatten(1).abs().amax(1).clamp_min(1e-12)
             step = r * (scale * live.any(1)).view(-1, *([1] * (x.dim() - 1)))
-            x_adv = x_adv.detach()
             x_adv[rows] = (xr.detach() + step).clamp(0, 1)
-        x_adv = x_adv.detach()
         return DAGResult(x_adv, x_adv - x, adv_labels, iters, done, history)
+
+    def _permuted_labels(self, logits_fn: TargetLogits, x: torch.Tensor, labels: torch.Tensor,
+                         indices: list[int] | None) -> torch.Tensor:
+        """l'_n = pi(l_n) with each image's pi drawn from its split index; C read from one image's logits."""
+        if x.shape[0] == 0:
+            return labels.clone()
+        with torch.no_grad():
+            c = logits_fn(x[:1], torch.zeros(1, dtype=torch.long, device=x.device)).shape[-1]
+        idx = list(range(x.shape[0])) if indices is None else indices
+        return image_permutations(c, idx, self.seed).to(labels.device).gather(1, labels)
 
 
 def perceptibility(r: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,7 @@ def _run_dag(model: nn.Module, dataset: Dataset, task: str, cfg: DagCfg, device:
         has = valid.any(1)
         out.skipped_no_target += int((~has).sum())
         r = torch.zeros_like(x)
-        if bool(has.any()):  # an image without targets is converged at m = 0 and costs no step
+        if bool(has.any()):  # an image without targets is done at m = 0 and never enters the batch
             res = attack.perturb(fn, x, labels, valid, progress=_tick(bar),
                                  indices=list(range(seen, seen + x.shape[0])))
             r = res.r

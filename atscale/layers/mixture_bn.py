@@ -27,9 +27,9 @@ from timm.layers import BatchNormAct2d
 from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 
-from atscale.layers.sync_bn import DistBatchNorm2d, DistBatchNormAct2d
-from atscale.layers.swap import swap_modules
 from atscale.layers.context import bn_domain, bn_split
+from atscale.layers.swap import swap_modules
+from atscale.layers.sync_bn import DistBatchNorm2d, DistBatchNormAct2d
 
 DEFAULT_DOMAINS = ("clean", "adv")
 _SYNC_BN = (nn.SyncBatchNorm, DistBatchNorm2d, DistBatchNormAct2d)
