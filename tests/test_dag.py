@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atscale.attacks.dag import DAG, GAMMA, derangement, image_permutations, perceptibility, permuted, segmentation_logits
+from atscale.attacks.dag import DAG, GAMMA, TargetLogits, derangement, image_permutations, perceptibility, permuted, segmentation_logits
 
 
 def test_derangement_moves_every_class() -> None:
@@ -28,6 +28,18 @@ def _seg_model() -> nn.Module:
     return nn.Conv2d(3, 4, 1)  # 4 classes, per-pixel logits
 
 
+def _reachable(n: int, size: int, seed: int) -> tuple[TargetLogits, torch.Tensor, torch.Tensor]:
+    """The bias-free model on mid-grey pixels (every class is reachable inside the [0, 1] cube): its target logits,
+    ``n`` images of ``size`` x ``size`` and its predictions on them."""
+    model = _seg_model()
+    with torch.no_grad():
+        model.bias.zero_()
+    x = 0.4 + 0.2 * torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    fn = segmentation_logits(model)
+    with torch.no_grad():
+        return fn, x, fn(x).argmax(-1)
+
+
 def test_one_step_is_the_normalized_sum_of_active_gradient_differences() -> None:
     model, x = _seg_model(), torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.25
     fn = segmentation_logits(model)
@@ -48,13 +60,7 @@ def test_one_step_is_the_normalized_sum_of_active_gradient_differences() -> None
 
 
 def test_background_targets_never_count_and_a_converged_image_stops() -> None:
-    model = _seg_model()
-    with torch.no_grad():  # no bias and mid-grey pixels: every class is reachable inside the [0, 1] cube
-        model.bias.zero_()
-    x = 0.4 + 0.2 * torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    fn = segmentation_logits(model)
-    with torch.no_grad():
-        pred = fn(x).argmax(-1)
+    fn, x, pred = _reachable(2, 4, 2)
     labels = pred.clone()
     labels[0] = 0  # image 0: all background, nothing to attack
     labels[1][pred[1] == 0] = 1  # image 1: no background target
@@ -67,13 +73,7 @@ def test_background_targets_never_count_and_a_converged_image_stops() -> None:
 
 
 def test_a_converged_image_leaves_the_batch_and_batching_changes_nothing() -> None:
-    model = _seg_model()
-    with torch.no_grad():
-        model.bias.zero_()
-    x = 0.4 + 0.2 * torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(5))
-    base = segmentation_logits(model)
-    with torch.no_grad():
-        labels = base(x).argmax(-1)
+    base, x, labels = _reachable(3, 4, 5)
     labels[0] = 0  # image 0 has no target: converged at m = 0
     seen: list[list[int]] = []
 
@@ -126,13 +126,7 @@ def test_perm_permutes_rows_and_columns_and_keeps_the_values() -> None:
 def test_a_fooling_label_map_is_reached() -> None:
     """Sec 2.3.4: with an arbitrary adversarial label map (here a square of class 3 on class-1 targets), DAG drives
     every target to its given label."""
-    model = _seg_model()
-    with torch.no_grad():
-        model.bias.zero_()
-    x = 0.4 + 0.2 * torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(4))
-    fn = segmentation_logits(model)
-    with torch.no_grad():
-        labels = fn(x).argmax(-1)
+    fn, x, labels = _reachable(1, 6, 4)
     want = torch.full_like(labels, 1).view(1, 6, 6)
     want[0, 1:4, 1:4] = 3
     want = want.view(1, -1)
